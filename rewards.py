@@ -1,0 +1,347 @@
+"""Rewards, proposal validation and answer checking for the Absolute Zero Reasoner.
+
+Rewards (paper arXiv 2505.03335, Eqs. 4-5):
+- proposer_reward(r) = 1 - r for a valid task with solver success rate r in (0, 1); `extreme_reward` when r is
+  0 or 1 (paper: 0.0; the official code uses -0.5, its issue #37). Invalid proposal: INVALID_PROPOSAL_REWARD (-1).
+- solver_reward: 1 correct, -0.5 wrong but well formatted, -1 format error (a format error is -1 even if the
+  extracted text happens to be right).
+- Optional additive proposer terms (weights default 0, AZR found no gain): diversity_reward (1 - max token-Jaccard
+  similarity to the buffer's programs) and complexity_reward (AST node count / COMPLEXITY_SCALE, capped at 1);
+  combined_proposer_reward adds them.
+
+validate_proposals refines the spec's `list[Task | str]` return type to `list[ValidationResult]`:
+  ValidationResult(task, reason, hard, force_accepted); `task` is None when rejected.
+Hard checks (always reject): parse failure (no program / no input), static screen (check_program),
+  does not run or is not deterministic (sandbox with repeats=2), induction with < num_shown + 1 usable inputs.
+Soft checks (reject unless force_accept): response not well formatted (think/answer tags), duplicate of a task in
+  `existing` or earlier in the batch, trivial task (deduction/abduction: output equals the input; induction: all
+  outputs equal; induction without a message), output not a plain literal (when the sandbox reports it).
+  With force_accept=True a task that fails only soft checks is accepted with force_accepted=True and its reason.
+Induction rule: proposed inputs are run in order (repeats=2); an input is usable when it ran ok and its normalised
+  text (ast.dump of the call's arguments) differs from every earlier usable input. At least num_shown + 1 usable
+  inputs are needed; all usable inputs are kept, the first num_shown are shown to the solver, the rest held out.
+Correctness (check_answers): deduction compares the predicted literal text with the gold output via same_output
+  (never executed); abduction runs the task program on the predicted input and compares with the gold output;
+  induction runs the predicted program on every held-out input and is correct only if ALL outputs match.
+  Outputs produced from solver-controlled code must be genuine literals: when the sandbox Result carries a
+  literal flag it must be true; without it, abduction answers must be literal argument lists.
+
+Per task type behaviour sits in the RULES registry (register_rules adds a task type).
+"""
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from buffers import Task, TaskBuffer, normalize_program
+from prompts import Answer, Proposal
+from sandbox import FORBIDDEN_MODULES, check_program, same_output
+
+INVALID_PROPOSAL_REWARD = -1.0
+COMPLEXITY_SCALE = 200  # AST nodes for complexity_reward == 1.0
+_LITERAL_FIELDS = ("literal", "is_literal", "output_is_literal")  # Result flag names we understand, if any
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def proposer_reward(success_rate: float, extreme_reward: float = 0.0) -> float:
+    """Learnability reward 1 - r; `extreme_reward` when r is 0 or 1 (paper 0.0, official code -0.5)."""
+    if success_rate <= 0.0 or success_rate >= 1.0:
+        return float(extreme_reward)
+    return 1.0 - float(success_rate)
+
+
+def solver_reward(correct: bool, well_formatted: bool) -> float:
+    """1 correct; -0.5 wrong but well formatted; -1 format error."""
+    if not well_formatted:
+        return -1.0
+    return 1.0 if correct else -0.5
+
+
+def _tokens(text: str) -> Counter:
+    try:
+        toks = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+                                  tokenize.ENDMARKER, tokenize.COMMENT)]
+    except (tokenize.TokenError, SyntaxError, IndentationError, ValueError):
+        toks = text.split()
+    return Counter(toks)
+
+
+def _task_text(task: Task) -> str:
+    return normalize_program(task.program) + "\n" + (task.input or "\n".join(task.inputs))
+
+
+def similarity(a: Task, b: Task) -> float:
+    """Multiset Jaccard similarity of the Python tokens of normalised program + input(s), in [0, 1]."""
+    ta, tb = _tokens(_task_text(a)), _tokens(_task_text(b))
+    union = sum((ta | tb).values())
+    return sum((ta & tb).values()) / union if union else 1.0
+
+
+def diversity_reward(task: Task, others: list[Task]) -> float:
+    """1 - max similarity to the other tasks (1.0 when there are none)."""
+    return 1.0 - max((similarity(task, o) for o in others), default=0.0)
+
+
+def complexity_reward(task: Task) -> float:
+    """Normalised AST node count of the program: min(1, nodes / COMPLEXITY_SCALE); 0 if it does not parse."""
+    try:
+        n = sum(1 for _ in ast.walk(ast.parse(task.program)))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0.0
+    return min(1.0, n / COMPLEXITY_SCALE)
+
+
+def combined_proposer_reward(success_rate: float, task: Task | None = None, others: list[Task] = (),
+                             extreme_reward: float = 0.0, diversity_weight: float = 0.0,
+                             complexity_weight: float = 0.0) -> float:
+    """proposer_reward + diversity_weight * diversity + complexity_weight * complexity (task None -> invalid, -1)."""
+    if task is None:
+        return INVALID_PROPOSAL_REWARD
+    r = proposer_reward(success_rate, extreme_reward)
+    if diversity_weight:
+        r += diversity_weight * diversity_reward(task, list(others))
+    if complexity_weight:
+        r += complexity_weight * complexity_reward(task)
+    return r
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _literal_flag(result) -> bool | None:
+    for name in _LITERAL_FIELDS:
+        v = getattr(result, name, None)
+        if isinstance(v, bool):
+            return v
+    return None
+
+
+def literal_args(text: str) -> bool:
+    """True if `text` is an argument list of plain literals (positional or keyword), e.g. "'a', [1, 2], k=3"."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+            return False
+        for node in list(call.args) + [k.value for k in call.keywords]:
+            if isinstance(node, ast.Starred):
+                return False
+            ast.literal_eval(node)
+        return all(k.arg is not None for k in call.keywords)
+    except Exception:
+        return False
+
+
+def normalize_input(text: str) -> str:
+    """ast.dump of the call's arguments (so '1,2' == '1, 2'); stripped text if it does not parse."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        return ast.dump(ast.Tuple(elts=call.args + [k.value for k in call.keywords], ctx=ast.Load())) \
+            + repr([k.arg for k in call.keywords])
+    except Exception:
+        return text.strip()
+
+
+# ----------------------------------------------------------------------------- per task type rules
+
+@dataclass
+class TaskRules:
+    proposal_jobs: Callable[[Proposal], list[tuple[str, str]]]           # sandbox jobs to validate a proposal
+    build_task: Callable[[Proposal, list, int, int], Task | str]         # (proposal, results, iteration, num_shown)
+    soft_check: Callable[[Task, Proposal, list], str | None]            # (task, proposal, results) -> soft failure
+    answer_jobs: Callable[[Task, Answer, int], list[tuple[str, str]]]    # sandbox jobs to check an answer
+    judge: Callable[[Task, Answer, list, int], bool]                     # (task, answer, results, num_shown)
+
+
+def _io_jobs(p: Proposal) -> list[tuple[str, str]]:
+    return [(p.program, p.input)]
+
+
+def _io_builder(task_type: str):
+    def build(p: Proposal, results: list, iteration: int, num_shown: int) -> Task | str:
+        res = results[0]
+        if not res.ok or res.output is None:
+            return f"does not execute deterministically: {res.error}"
+        return Task(task_type, p.program, input=p.input, output=res.output, iteration=iteration)
+    return build
+
+
+def _io_soft(task: Task, p: Proposal, results: list) -> str | None:
+    if _literal_flag(results[0]) is False:
+        return "output is not a plain literal"
+    if same_output(task.output, task.input) or same_output(task.output, f"({task.input},)"):
+        return "trivial: output equals input"
+    return None
+
+
+def _induction_jobs(p: Proposal) -> list[tuple[str, str]]:
+    return [(p.program, i) for i in p.inputs]
+
+
+def _induction_build(p: Proposal, results: list, iteration: int, num_shown: int) -> Task | str:
+    inputs, outputs, seen = [], [], set()
+    for inp, res in zip(p.inputs, results):
+        key = normalize_input(inp)
+        if res.ok and res.output is not None and key not in seen:
+            seen.add(key)
+            inputs.append(inp)
+            outputs.append(res.output)
+    if len(inputs) < num_shown + 1:
+        errors = [r.error for r in results if not r.ok]
+        return (f"only {len(inputs)} usable distinct inputs, need {num_shown + 1}"
+                + (f" (e.g. {errors[0]})" if errors else ""))
+    return Task("induction", p.program, inputs=inputs, outputs=outputs, message=p.message, iteration=iteration)
+
+
+def _induction_soft(task: Task, p: Proposal, results: list) -> str | None:
+    if any(_literal_flag(r) is False for r in results if r.ok):
+        return "output is not a plain literal"
+    if all(same_output(o, task.outputs[0]) for o in task.outputs[1:]):
+        return "trivial: all outputs equal"
+    if not task.message.strip():
+        return "no message"
+    return None
+
+
+def _genuine(result) -> bool:
+    return _literal_flag(result) is not False
+
+
+def _deduction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
+    return []  # the predicted output is compared, never executed
+
+
+def _deduction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bool:
+    return bool(a.text.strip()) and same_output(a.text.strip(), task.output)
+
+
+def _abduction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
+    return [(task.program, a.text.strip())] if a.text.strip() else []
+
+
+def _abduction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bool:
+    if not results:
+        return False
+    res = results[0]
+    flag = _literal_flag(res)
+    if flag is None and not literal_args(a.text):
+        return False  # no literal flag from the sandbox: only literal inputs can be trusted
+    return bool(res.ok) and flag is not False and same_output(res.output, task.output)
+
+
+def _induction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
+    held = task.inputs[num_shown:]
+    if not a.text.strip() or not held:
+        return []
+    return [(a.text, i) for i in held]
+
+
+def _induction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bool:
+    gold = task.outputs[num_shown:]
+    if not results or len(results) != len(gold):
+        return False
+    return all(r.ok and _genuine(r) and same_output(r.output, g) for r, g in zip(results, gold))
+
+
+RULES: dict[str, TaskRules] = {
+    "deduction": TaskRules(_io_jobs, _io_builder("deduction"), _io_soft, _deduction_answer_jobs, _deduction_judge),
+    "abduction": TaskRules(_io_jobs, _io_builder("abduction"), _io_soft, _abduction_answer_jobs, _abduction_judge),
+    "induction": TaskRules(_induction_jobs, _induction_build, _induction_soft, _induction_answer_jobs,
+                           _induction_judge),
+}
+
+
+def register_rules(task_type: str, rules: TaskRules) -> None:
+    """Add (or replace) the validation/checking rules of a task type."""
+    RULES[task_type] = rules
+
+
+# ----------------------------------------------------------------------------- validation and checking
+
+@dataclass
+class ValidationResult:
+    task: Task | None            # the validated task, None if rejected
+    reason: str | None = None    # why it failed a check (hard or soft); None if it passed all
+    hard: bool = False           # the failure was a hard one (never accepted)
+    force_accepted: bool = False  # accepted only because force_accept was on
+
+    @property
+    def valid(self) -> bool:
+        return self.task is not None
+
+
+def _forbidden(sb) -> tuple[str, ...]:
+    return tuple(getattr(sb, "forbidden_modules", FORBIDDEN_MODULES))
+
+
+def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration: int, num_shown: int = 5, *,
+                       existing: Iterable[Task] | TaskBuffer = (), force_accept: bool = False) -> list[ValidationResult]:
+    """Turn proposals into tasks with ONE sb.run_many(..., repeats=2) batch; see the module docstring."""
+    rules = RULES[task_type]
+    out: list[ValidationResult | None] = [None] * len(proposals)
+    spans: list[tuple[int, int, int]] = []   # (proposal index, start, end) into jobs
+    jobs: list[tuple[str, str]] = []
+    for i, p in enumerate(proposals):
+        if p.error:
+            out[i] = ValidationResult(None, p.error, hard=True)
+            continue
+        if not p.program.strip():
+            out[i] = ValidationResult(None, "no program", hard=True)
+            continue
+        bad = check_program(p.program, _forbidden(sb))
+        if bad:
+            out[i] = ValidationResult(None, bad, hard=True)
+            continue
+        js = rules.proposal_jobs(p)
+        spans.append((i, len(jobs), len(jobs) + len(js)))
+        jobs += js
+    results = sb.run_many(jobs, repeats=2) if jobs else []
+    seen = set(existing._keys) if isinstance(existing, TaskBuffer) else {t.key() for t in existing}
+    for i, a, b in spans:
+        p, res = proposals[i], results[a:b]
+        task = rules.build_task(p, res, iteration, num_shown)
+        if isinstance(task, str):
+            out[i] = ValidationResult(None, task, hard=True)
+            continue
+        soft = None
+        if not p.well_formatted:
+            soft = "format: missing think/answer tags or blocks outside <answer>"
+        elif task.key() in seen:
+            soft = "duplicate"
+        else:
+            soft = rules.soft_check(task, p, res)
+        seen.add(task.key())
+        if soft is None:
+            out[i] = ValidationResult(task)
+        elif force_accept:
+            out[i] = ValidationResult(task, soft, force_accepted=True)
+        else:
+            out[i] = ValidationResult(None, soft)
+    return out  # type: ignore[return-value]
+
+
+def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int = 5) -> list[bool]:
+    """Correctness of each answer for its task, with ONE sb.run_many batch (repeats=1)."""
+    if len(tasks) != len(answers):
+        raise ValueError("tasks and answers differ in length")
+    spans, jobs = [], []
+    for t, a in zip(tasks, answers):
+        js = RULES[t.task_type].answer_jobs(t, a, num_shown) if a.text.strip() else []
+        # solver-written programs (induction) get the static screen before they run
+        if any(prog != t.program and check_program(prog, _forbidden(sb)) for prog, _ in js):
+            spans.append(None)
+            continue
+        spans.append((len(jobs), len(jobs) + len(js)))
+        jobs += js
+    results = sb.run_many(jobs, repeats=1) if jobs else []
+    out = []
+    for t, a, span in zip(tasks, answers, spans):
+        if span is None or not a.text.strip():
+            out.append(False)
+            continue
+        out.append(bool(RULES[t.task_type].judge(t, a, results[span[0]:span[1]], num_shown)))
+    return out

@@ -1,0 +1,120 @@
+"""Every example's entry point runs one tiny iteration on the tiny model; the custom task type is checked end to end
+without a model; the shell recipes parse."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PY_EXAMPLES = ["ablation_deduction_only", "ablation_no_induction", "ablation_no_references", "ablation_solver_only",
+               "force_accept_warmup", "proposer_reward_variants", "custom_task_type"]
+
+
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """custom_task_type registers 'typeof' in module-level registries: undo it so other tests see the defaults."""
+    import buffers
+    import prompts
+    import rewards
+    registries = [prompts.PROPOSE_PROMPTS, prompts.SOLVE_PROMPTS, prompts.PROPOSAL_PARSERS, prompts.ANSWER_PARSERS,
+                  rewards.RULES, buffers.SEEDS]
+    saved = [dict(r) for r in registries]
+    yield
+    for registry, before in zip(registries, saved):
+        registry.clear()
+        registry.update(before)
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(model_dir: Path, run_dir: Path) -> list[str]:
+    return ["--model", str(model_dir), "--output-dir", str(run_dir), "--preset", "cpu-demo", "--iterations", "1",
+            "--tasks-per-iteration", "2", "--learnability-samples", "2", "--seed-buffer-size", "1",
+            "--max-new-tokens-propose", "8", "--max-new-tokens-solve", "8", "--generation-batch-size", "8",
+            "--micro-batch-size", "8", "--lora-r", "4", "--no-gradient-checkpointing", "--samples-per-group", "1",
+            "--sandbox-timeout", "2"]
+
+
+def test_every_example_is_tested_and_documented():
+    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == sorted(PY_EXAMPLES)
+    for path in list(EXAMPLES.glob("*.py")) + list(EXAMPLES.glob("*.sh")):
+        head = path.read_text().splitlines()[:3]
+        assert any(len(line) > 30 for line in head), f"{path.name} lacks an explanation at its top"
+
+
+@pytest.mark.parametrize("name", PY_EXAMPLES)
+def test_example_runs_one_tiny_iteration(name, tiny_model_dir, tmp_path):
+    assert load(name).main(tiny(tiny_model_dir, tmp_path / "run")) == 0
+    runs = [tmp_path / "run"] if name != "proposer_reward_variants" else \
+        [tmp_path / "run" / "extreme_0.0", tmp_path / "run" / "extreme_-0.5"]
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["iteration"] for m in metrics] == [1] and (run / "checkpoint" / "adapter").is_dir()
+        expected = {"ablation_deduction_only": ("task_types", ["deduction"]),
+                    "ablation_no_induction": ("task_types", ["deduction", "abduction"]),
+                    "ablation_no_references": ("num_references", 0),
+                    "ablation_solver_only": ("train_proposer", False),
+                    "force_accept_warmup": ("force_accept_threshold", 50),
+                    "custom_task_type": ("task_types", ["deduction", "typeof"])}.get(name)
+        if expected:
+            assert config[expected[0]] == expected[1]
+    if name == "proposer_reward_variants":
+        assert [json.loads((r / "config.json").read_text())["proposer_extreme_reward"] for r in runs] == [0.0, -0.5]
+
+
+def test_example_script_runs_as_a_program(tiny_model_dir, tmp_path):
+    """The __main__ path: sys.path set up by the script itself, exit code from azr.main, flags passed through."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablation_deduction_only.py"),
+                           *tiny(tiny_model_dir, tmp_path / "run")], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "it   1" in proc.stdout
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablation_deduction_only.py"), "--iterations", "0"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "--iterations" in proc.stderr
+
+
+def test_custom_task_type_end_to_end_without_a_model():
+    """The registered 'typeof' mode: parse a proposal, validate it in the sandbox, build the solver prompt, judge."""
+    load("custom_task_type")
+    from buffers import Buffers
+    from prompts import parse_answer, parse_proposal, propose_prompt, solve_prompt
+    from rewards import check_answers, validate_proposals
+    from sandbox import FORBIDDEN_MODULES, Sandbox
+
+    buffers = Buffers(["deduction", "typeof"])
+    assert buffers["typeof"].tasks[0].output == "str"
+    assert "(none)" not in propose_prompt("typeof", buffers["typeof"].tasks, FORBIDDEN_MODULES)
+    text = ("<think>Mixed types.</think><answer>```python\ndef f(xs):\n    return {x: len(str(x)) for x in xs}\n```\n"
+            "```input\n[1, 'ab']\n```</answer>")
+    proposals = [parse_proposal("typeof", text),
+                 parse_proposal("typeof", "<think>x</think><answer>```python\ndef f(a):\n    return a\n```\n"
+                                          "```input\n3\n```</answer>"),
+                 parse_proposal("typeof", "<think>x</think><answer>```python\nclass A:\n    def __repr__(self):\n"
+                                          "        return '1'\ndef f(a):\n    return A()\n```\n```input\n3\n```</answer>")]
+    with Sandbox(workers=1) as sb:
+        results = validate_proposals(sb, "typeof", proposals, iteration=1)
+        assert results[0].valid and results[0].task.output == "dict"
+        assert not results[1].valid and "trivial" in results[1].reason
+        assert not results[2].valid and "literal" in results[2].reason
+        task = results[0].task
+        assert "```input\n[1, 'ab']\n```" in solve_prompt(task)
+        answers = [parse_answer("typeof", f"<think>t</think><answer>```output\n{a}\n```</answer>")
+                   for a in ("dict", "<class 'dict'>", "list", "{1: 1, 'ab': 2}")]
+        assert check_answers(sb, [task] * 4, answers) == [True, True, False, False]
+
+
+@pytest.mark.parametrize("script", ["gpu_24gb.sh", "multi_gpu.sh", "learning_curve.sh"])
+def test_shell_recipes_parse(script):
+    assert subprocess.run(["bash", "-n", str(EXAMPLES / script)]).returncode == 0
