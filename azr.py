@@ -13,6 +13,7 @@ One model plays two roles on Python code tasks. Each iteration (the paper's Algo
     python azr.py --iterations 50 --task-types deduction abduction
     python azr.py --resume runs/azr --iterations 30 # extend a finished run to 30 iterations
     python azr.py --help                            # every knob, with the paper's values
+    accelerate launch --multi_gpu --num_processes 4 azr.py ...   # data parallel over 4 GPUs (see README)
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class Config:
     ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch, one optimizer step each"})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate to one step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
-    advantage_min_group: int = field(default=8, metadata={"help": "groups smaller than this use running reward mean/std for normalisation"})
+    advantage_min_group: int = field(default=8, metadata={"help": "groups smaller than this (at least 2) use running reward mean/std for normalisation"})
     # sandbox
     sandbox_timeout: float = field(default=5.0, metadata={"help": "seconds per program run"})
     sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per program run"})
@@ -131,10 +132,12 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--task-distribution needs one non-negative weight per task type, not all zero")
     positive = ["num_iterations", "tasks_per_iteration", "learnability_samples", "max_new_tokens_propose",
                 "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "lora_r",
-                "checkpoint_every", "buffer_capacity", "advantage_min_group"]
+                "checkpoint_every", "buffer_capacity"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.advantage_min_group < 2:     # a batch std needs two samples
+        raise ConfigError(f"--advantage-min-group must be at least 2, got {cfg.advantage_min_group}")
     if cfg.induction_inputs < 2:
         raise ConfigError(f"--induction-inputs must be at least 2, got {cfg.induction_inputs}")
     for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold"):
@@ -184,6 +187,80 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Several processes (`accelerate launch` / `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK): data parallel.
+# Every process holds the same buffers and the same python RNG. Each generates and executes its share of
+# every batch, and all processes receive every result, so each takes identical decisions (validity,
+# rewards, buffer contents); in the update each backpropagates its share and the gradients are summed.
+class Distributed:
+    """This process's place among the launched ones; with a single process every method is a no-op."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.main = self.rank == 0
+
+    def start(self) -> torch.device:
+        """Join the process group (gloo on CPU, nccl on CUDA); returns this process's device."""
+        device = torch.device(models.pick_device())
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            import datetime
+            # long timeout: a rank may wait while another finishes a slow generation or evaluation
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(hours=2))
+        return device
+
+    def stop(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def shard(self, items: list) -> list:
+        """This process's share: every world-th item, starting at its rank."""
+        return items[self.rank::self.world]
+
+    def gather(self, shard: list) -> list:
+        """Inverse of shard, on every process: all processes' shares back in the original order."""
+        if self.world == 1:
+            return shard
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, shard)
+        return [parts[i % self.world][i // self.world] for i in range(sum(len(p) for p in parts))]
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes, in place."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def sum_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum the parameters' gradients over all processes (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]   # an empty share adds zeros
+        flat = self.sum_(torch.cat([g.flatten() for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+
+DIST = Distributed()
+
+
+class ShardedSandbox:
+    """A Sandbox whose run_many spreads the jobs over the processes: each runs its share on its own workers
+    and every process receives all results (identical everywhere, even if a run times out on one)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox, self.forbidden_modules = sandbox, sandbox.forbidden_modules
+
+    def run_many(self, jobs: list[tuple[str, str]], repeats: int = 1) -> list:
+        return DIST.gather(self.sandbox.run_many(DIST.shard(jobs), repeats=repeats))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Rollouts: batched sampling with left padding; each response is cut after its first EOS.
 @dataclass
 class Rollout:
@@ -210,7 +287,7 @@ def generate(policy, tokenizer, prompts: list[str], max_new_tokens: int, cfg: Co
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))   # similar lengths batch together
     out: list[Any] = [None] * len(prompts)
     device = next(policy.parameters()).device
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=not DIST.main)
     for start in range(0, len(order), cfg.generation_batch_size):
         idx = order[start:start + cfg.generation_batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt").to(device)
@@ -222,7 +299,6 @@ def generate(policy, tokenizer, prompts: list[str], max_new_tokens: int, cfg: Co
             cut = next((j + 1 for j, t in enumerate(response) if t in eos_ids), len(response))
             response = response[:cut]
             out[i] = (encoded[i], response, tokenizer.decode(response, skip_special_tokens=True))
-            timer.tokens += len(response)
         bar.update(len(idx))
     bar.close()
     return out
@@ -230,9 +306,11 @@ def generate(policy, tokenizer, prompts: list[str], max_new_tokens: int, cfg: Co
 
 def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens: int, cfg: Config, desc: str,
              timer: "Timer") -> list[Rollout]:
-    """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with the chat template."""
+    """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with the chat template.
+    With several processes each generates its share and every process receives all of them."""
     prompts = [chat(tokenizer, text) for _, _, text in jobs]
-    generated = generate(policy, tokenizer, prompts, max_new_tokens, cfg, desc, timer) if jobs else []
+    generated = DIST.gather(generate(policy, tokenizer, DIST.shard(prompts), max_new_tokens, cfg, desc, timer))
+    timer.tokens += sum(len(response_ids) for _, response_ids, _ in generated)
     return [Rollout(t, role, p, pids, rids, text) for (t, role, _), p, (pids, rids, text) in zip(jobs, prompts, generated)]
 
 
@@ -250,13 +328,13 @@ def split_counts(total: int, weights: list[float]) -> list[int]:
 def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, iteration: int, rng: random.Random,
             counts: dict[str, int], force_accept: bool, timer: "Timer") -> tuple[list[Rollout], dict[str, list[Task]]]:
     """Steps 1-2: sample proposals for each task type and validate them in the sandbox."""
+    # a program for proposers that write inputs for an existing one (induction): drawn from the buffers'
+    # single-input triplets (AZR: deduction and abduction buffers); other task types ignore it
+    pool = [t for tt in buffers for t in buffers[tt].tasks if not t.inputs]
     jobs, programs = [], []
     for task_type, n in counts.items():
         for _ in range(n):
             references = buffers[task_type].sample_references(cfg.num_references, rng)
-            # a program for proposers that write inputs for an existing one (induction): drawn from the
-            # buffers' single-input triplets (AZR: deduction and abduction buffers); other types ignore it
-            pool = [t for tt in buffers for t in buffers[tt].tasks if not t.inputs]
             program = rng.choice(pool) if pool else None
             jobs.append((task_type, "propose", propose_prompt(task_type, references, FORBIDDEN_MODULES, program=program,
                                                               num_inputs=cfg.induction_inputs)))
@@ -357,16 +435,23 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
     """PPO-style clipped policy gradient, token-level mean over the whole batch, accumulated in micro-batches.
 
     Rollouts were sampled by the current policy, so the first epoch's detached log-probs are the old
-    log-probs (ratio 1); later epochs reuse them. One optimizer step per epoch."""
+    log-probs (ratio 1); later epochs reuse them. One optimizer step per epoch. With several processes each
+    backpropagates its share of the batch (normalised by the whole batch's token count) and the gradients
+    are summed before the step, which gives every process the gradient of the whole batch."""
     from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
     policy.train()
     device = next(policy.parameters()).device
     samples = [s for s in samples if s.response_ids]
+    if not samples:
+        return {}
     total_tokens = sum(len(s.response_ids) for s in samples)
     old_logps: dict[int, torch.Tensor] = {}
-    stats: dict[str, float] = defaultdict(float)
+    stats = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
+    order = DIST.shard(order)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = 0.0
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for start in range(0, len(order), cfg.micro_batch_size):
@@ -408,9 +493,11 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
             stats["entropy"] += float((entropy.detach() * mask).sum()) / total_tokens
             stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / total_tokens
         with timer("update"):
-            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(
-                [p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm))
+            DIST.sum_grads(trainable)
+            grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             optimizer.step()
+    summed = DIST.sum_(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()   # per-process token sums
+    stats = dict(zip(stats, summed), grad_norm=grad_norm)
     return {k: v / cfg.ppo_epochs for k, v in stats.items()}
 
 
@@ -544,14 +631,17 @@ def load_json(path: Path) -> dict:
 
 def save_checkpoint(run_dir: Path, policy, optimizer, buffers: Buffers, cfg: Config, iteration: int,
                     stats: dict[str, RunningStats], rng: random.Random) -> None:
-    """Write run_dir/checkpoint atomically: build it beside, then swap directories with renames."""
+    """Write run_dir/checkpoint atomically: build it beside, then swap directories with renames.
+    Every process's torch RNG state is kept; the rest is identical on all processes and the main one writes."""
+    torch_rng = DIST.gather([{"cpu": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}])
+    if not DIST.main:
+        return
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     policy.save_pretrained(tmp / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / "trainer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch_rng}, tmp / "trainer.pt")
     buffers.save(tmp / "buffers.jsonl")
     state = {"iteration": iteration, "config": dataclasses.asdict(cfg), "python_rng": rng.getstate(),
              "advantage_stats": {k: dataclasses.asdict(v) for k, v in stats.items()}}
@@ -571,23 +661,29 @@ def find_checkpoint(run_dir: Path) -> Path:
     """run_dir/checkpoint, recovering checkpoint.old if a crash fell between save_checkpoint's two renames."""
     ckpt = run_dir / "checkpoint"
     if not ckpt.exists() and (run_dir / "checkpoint.old").exists():
-        os.replace(run_dir / "checkpoint.old", ckpt)
+        try:
+            os.replace(run_dir / "checkpoint.old", ckpt)
+        except FileNotFoundError:     # another process of this run recovered it first
+            pass
     return ckpt
 
 
 def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, dict[str, RunningStats], random.Random]:
-    """Restore adapter weights, optimizer, buffers, RNG states; returns the last finished iteration."""
+    """Restore adapter weights, optimizer, buffers, RNG states; returns the last finished iteration.
+    A process without a saved RNG state (resumed with more processes than saved it) keeps its fresh seed."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpt = find_checkpoint(run_dir)
     state = load_json(ckpt / "state.json")
     set_peft_model_state_dict(policy, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if trainer["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    if DIST.rank < len(trainer["torch_rng"]):
+        saved = trainer["torch_rng"][DIST.rank]
+        torch.set_rng_state(saved["cpu"])
+        if saved["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
     rng = random.Random()
     rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
     stats = {k: RunningStats(**v) for k, v in state["advantage_stats"].items()}
@@ -621,14 +717,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     run_dir = Path(resume or cfg.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write_test").write_text("")
-        (run_dir / ".write_test").unlink()
+        (run_dir / f".write_test{DIST.rank}").write_text("")
+        (run_dir / f".write_test{DIST.rank}").unlink()
     except OSError as e:
         raise ConfigError(f"--output-dir {run_dir} is not writable: {e.strerror}") from None
-    models.set_torch_threads()
+    cores = models.set_torch_threads() // DIST.local_world          # processes on one machine share its cores
+    models.set_torch_threads(max(1, cores))
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(models.pick_device())
+    torch.manual_seed(cfg.seed + DIST.rank)                         # processes sample different responses
+    device = DIST.start()
     policy, tokenizer = models.load_policy(
         cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device)
@@ -639,20 +736,21 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     start = 0
     if resume:
         start, buffers, stats, rng = load_checkpoint(run_dir, policy, optimizer)
-        truncate_metrics(run_dir, start)
     else:
         buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if DIST.main:                                                   # only the main process writes the run dir
+        truncate_logs(run_dir, start)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     weights = cfg.task_distribution or [1.0] * len(cfg.task_types)
     counts = dict(zip(cfg.task_types, split_counts(cfg.tasks_per_iteration, weights)))
-    reporter = Reporter(cfg.report_to, run_dir, cfg)
+    reporter = Reporter(cfg.report_to if DIST.main else "none", run_dir, cfg)
     eval_items = load_eval_items(cfg) if cfg.eval_every else []
-    print(f"azr: {cfg.model} on {device}, run dir {run_dir}, iterations {start + 1}..{cfg.num_iterations}, "
-          f"proposals per iteration {counts}", flush=True)
+    log(f"azr: {cfg.model} on {device} x {DIST.world} process(es), run dir {run_dir}, "
+        f"iterations {start + 1}..{cfg.num_iterations}, proposals per iteration {counts}")
 
-    with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb) as sb:
+    workers = max(1, (os.cpu_count() or 1) // DIST.local_world)
+    with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb, workers=workers) as local_sb:
+        sb = ShardedSandbox(local_sb) if DIST.world > 1 else local_sb
         if start == 0:
             seed_buffers(policy, tokenizer, sb, buffers, cfg, counts, rng)
         for iteration in range(start + 1, cfg.num_iterations + 1):
@@ -677,15 +775,23 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             forced = sum(s.info.get("force_accepted", False) for s in proposals)
             metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, forced, device)
             if cfg.eval_every and iteration % cfg.eval_every == 0:
-                metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, sb, eval_items, cfg)
-            append_jsonl(run_dir / "metrics.jsonl", [metrics])
-            append_jsonl(run_dir / "samples.jsonl", sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
-            reporter.log(metrics)
-            plot(run_dir)
+                metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, local_sb, eval_items, cfg)
+            if DIST.main:
+                append_jsonl(run_dir / "metrics.jsonl", [metrics])
+                append_jsonl(run_dir / "samples.jsonl",
+                             sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
+                reporter.log(metrics)
+                plot(run_dir)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
                 save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, stats, rng)
-            print(summary_line(metrics, cfg.task_types), flush=True)
+            log(summary_line(metrics, cfg.task_types))
     return run_dir
+
+
+def log(line: str) -> None:
+    """Print from the main process only."""
+    if DIST.main:
+        print(line, flush=True)
 
 
 def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, counts: dict[str, int],
@@ -701,11 +807,11 @@ def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, 
         _, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, 0, rng, todo, cfg.force_accept_tasks, timer)
         for task_type, tasks in new_tasks.items():
             buffers[task_type].add(tasks)
-    print(f"azr: seeded buffers {buffers.sizes()} in {time.perf_counter() - timer.start:.0f}s", flush=True)
+    log(f"azr: seeded buffers {buffers.sizes()} in {time.perf_counter() - timer.start:.0f}s")
 
 
-def truncate_metrics(run_dir: Path, iteration: int) -> None:
-    """On resume, drop log lines of iterations after the checkpoint (they will be redone)."""
+def truncate_logs(run_dir: Path, iteration: int) -> None:
+    """Drop log lines of iterations after `iteration` (on resume they will be redone; a new run keeps none)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
         if path.exists():
@@ -723,10 +829,12 @@ def load_eval_items(cfg: Config) -> list[dict]:
 
 
 def evaluate_in_loop(policy, tokenizer, sb: Sandbox, items: list[dict], cfg: Config) -> float:
-    """Greedy CRUXEval-O accuracy on the fixed held-out slice (see evaluate.py)."""
+    """Greedy CRUXEval-O accuracy on the fixed held-out slice (see evaluate.py); each process grades its share."""
     import evaluate
-    return evaluate.accuracy(policy, tokenizer, sb, items, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
-                             batch_size=cfg.generation_batch_size)
+    mine = DIST.shard(items)
+    accuracy = evaluate.accuracy(policy, tokenizer, sb, mine, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
+                                 batch_size=cfg.generation_batch_size)
+    return float(DIST.sum_(torch.tensor([accuracy * len(mine)], dtype=torch.float64))) / len(items)
 
 
 def summary_line(m: dict, task_types: list[str]) -> str:
@@ -756,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("azr: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        DIST.stop()
     return 0
 
 

@@ -40,9 +40,8 @@ def bench_generation(model_name: str, batch: int, max_new_tokens: int, repeats: 
     prompts = [chat(tokenizer, texts[i % len(texts)]) for i in range(batch)]
 
     def loop_generate() -> int:
-        timer = azr.Timer()
-        azr.generate(policy, tokenizer, prompts, max_new_tokens, cfg, "loop", timer)
-        return timer.tokens
+        out = azr.generate(policy, tokenizer, prompts, max_new_tokens, cfg, "loop", azr.Timer())
+        return sum(len(response_ids) for _, response_ids, _ in out)
 
     def plain_generate() -> int:
         # the same batches the loop forms (sorted by prompt length), plain tokenizer + model.generate + decode

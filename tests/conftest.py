@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
+
+from buffers import Task, seed_task  # noqa: E402
+from prompts import chat, propose_prompt, solve_prompt  # noqa: E402
+from sandbox import FORBIDDEN_MODULES  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -83,3 +88,78 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real default model (minutes on CPU); deselect with -m 'not slow'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A random tiny model writes gibberish, so no proposal would ever be valid and the buffers could not grow.
+# formatted_tiny_dir first teaches the tiny model the answer format with a few seconds of supervised
+# fine-tuning on a handful of well-formed responses to the real prompts; from then on everything is real.
+
+PROGRAMS = [
+    ("def f(a):\n    return a * 2", "3"),
+    ("def f(a):\n    return a[::-1]", "'abc'"),
+    ("def f(a, b):\n    return a + b", "1, 2"),
+    ("def f(a):\n    return len(a)", "[1, 2, 3]"),
+    ("def f(a):\n    return sorted(a)", "[3, 1, 2]"),
+    ("def f(a):\n    return a.upper()", "'hi'"),
+]
+
+
+def well_formed_examples() -> list[tuple[str, str]]:
+    """(prompt, response) pairs: one well-formed response per role and task type, over a few programs."""
+    seeds = {t: seed_task(t) for t in ("deduction", "abduction", "induction")}
+    pairs = []
+    for program, inp in PROGRAMS:
+        block = f"```python\n{program}\n```\n```input\n{inp}\n```"
+        for t in ("deduction", "abduction"):
+            prompt = propose_prompt(t, [seeds[t]], FORBIDDEN_MODULES)
+            pairs.append((prompt, f"<think>A small program.</think><answer>{block}</answer>"))
+        inputs = "\n".join(f"```input\n{i}\n```" for i in ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10"))
+        task = Task("deduction", program, inp, "")
+        prompt = propose_prompt("induction", [seeds["induction"]], FORBIDDEN_MODULES, program=task)
+        pairs.append((prompt, f"<think>Numbers.</think><answer>{inputs}\n```message\nDoubles it.\n```</answer>"))
+        pairs.append((solve_prompt(Task("deduction", program, inp, "6")),
+                      "<think>Trace it.</think><answer>```output\n6\n```</answer>"))
+        pairs.append((solve_prompt(Task("abduction", program, inp, "6")),
+                      "<think>Invert it.</think><answer>```input\n3\n```</answer>"))
+        pairs.append((solve_prompt(seeds["induction"]),
+                      f"<think>Pattern.</think><answer>```python\n{program}\n```</answer>"))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def formatted_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model taught the answer format: each well-formed response becomes one added token, and a
+    short supervised fine-tuning teaches which response tokens fit which prompt (seconds on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("formatted_tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pairs = well_formed_examples()
+    tokenizer.add_tokens(sorted({response for _, response in pairs}))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = [(tokenizer(chat(tokenizer, prompt), add_special_tokens=False)["input_ids"],
+             tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            for prompt, response in pairs]
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        batch = rng.sample(rows, 8)
+        width = max(len(p) + len(r) for p, r in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, r) in enumerate(batch):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+            mask[i, :len(p) + len(r)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,96 +1,22 @@
 """End-to-end: the real loop (generation, sandbox, TRR++ update, checkpoints) on a tiny model, on CPU.
 
-A random tiny model writes gibberish, so no proposal would ever be valid and the buffers could not grow.
-The fixture therefore first teaches the tiny model the answer format with a few seconds of supervised
-fine-tuning on a handful of well-formed responses to the real prompts; from then on everything is real.
+The tiny model is first taught the answer format (conftest.formatted_tiny_dir); from then on everything is real.
 """
 from __future__ import annotations
 
 import json
-import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import azr
-from buffers import Buffers, Task, seed_task
-from prompts import chat, propose_prompt, solve_prompt
-from sandbox import FORBIDDEN_MODULES
-
-PROGRAMS = [
-    ("def f(a):\n    return a * 2", "3"),
-    ("def f(a):\n    return a[::-1]", "'abc'"),
-    ("def f(a, b):\n    return a + b", "1, 2"),
-    ("def f(a):\n    return len(a)", "[1, 2, 3]"),
-    ("def f(a):\n    return sorted(a)", "[3, 1, 2]"),
-    ("def f(a):\n    return a.upper()", "'hi'"),
-]
-
-
-def well_formed_examples() -> list[tuple[str, str]]:
-    """(prompt, response) pairs: one well-formed response per role and task type, over a few programs."""
-    seeds = {t: seed_task(t) for t in ("deduction", "abduction", "induction")}
-    pairs = []
-    for program, inp in PROGRAMS:
-        block = f"```python\n{program}\n```\n```input\n{inp}\n```"
-        for t in ("deduction", "abduction"):
-            prompt = propose_prompt(t, [seeds[t]], FORBIDDEN_MODULES)
-            pairs.append((prompt, f"<think>A small program.</think><answer>{block}</answer>"))
-        inputs = "\n".join(f"```input\n{i}\n```" for i in ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10"))
-        task = Task("deduction", program, inp, "")
-        prompt = propose_prompt("induction", [seeds["induction"]], FORBIDDEN_MODULES, program=task)
-        pairs.append((prompt, f"<think>Numbers.</think><answer>{inputs}\n```message\nDoubles it.\n```</answer>"))
-        pairs.append((solve_prompt(Task("deduction", program, inp, "6")),
-                      "<think>Trace it.</think><answer>```output\n6\n```</answer>"))
-        pairs.append((solve_prompt(Task("abduction", program, inp, "6")),
-                      "<think>Invert it.</think><answer>```input\n3\n```</answer>"))
-        pairs.append((solve_prompt(seeds["induction"]),
-                      f"<think>Pattern.</think><answer>```python\n{program}\n```</answer>"))
-    return pairs
-
-
-@pytest.fixture(scope="session")
-def formatted_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model taught the answer format: each well-formed response becomes one added token, and a
-    short supervised fine-tuning teaches which response tokens fit which prompt (seconds on CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("formatted_tiny")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pairs = well_formed_examples()
-    tokenizer.add_tokens(sorted({response for _, response in pairs}))
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    rows = [(tokenizer(chat(tokenizer, prompt), add_special_tokens=False)["input_ids"],
-             tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-            for prompt, response in pairs]
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        batch = rng.sample(rows, 8)
-        width = max(len(p) + len(r) for p, r in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (p, r) in enumerate(batch):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-            mask[i, :len(p) + len(r)] = 1
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+from buffers import Buffers
 
 
 def tiny_args(model_dir: Path, run_dir: Path, iterations: int) -> list[str]:
     return ["--model", str(model_dir), "--output-dir", str(run_dir), "--iterations", str(iterations),
-            "--preset", "cpu-demo", "--tasks-per-iteration", "3", "--learnability-samples", "2",
+            "--preset", "cpu-demo", "--tasks-per-iteration", "6", "--learnability-samples", "2",
             "--seed-buffer-size", "1", "--max-new-tokens-propose", "8", "--max-new-tokens-solve", "8",
             "--micro-batch-size", "8", "--learning-rate", "1e-3", "--lora-r", "4", "--no-gradient-checkpointing",
             "--samples-per-group", "1", "--sandbox-timeout", "2"]
@@ -152,6 +78,7 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--advantage-min-group", "1"], "--advantage-min-group must be at least 2"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
     (["--task-types", "deduction", "abduction", "--task-distribution", "1"], "--task-distribution needs one"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
@@ -190,3 +117,22 @@ def test_split_counts_follows_distribution():
     assert azr.split_counts(10, [0.3, 0.3, 0.4]) == [3, 3, 4]
     assert azr.split_counts(5, [1, 1, 1]) == [2, 2, 1]
     assert sum(azr.split_counts(7, [0.2, 0.5, 0.3])) == 7
+
+
+@pytest.mark.slow
+def test_one_iteration_of_the_default_model(tmp_path):
+    """The real default model (PyPI-shipped GGUF, converted once into the cache), one cpu-demo iteration."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import model as models
+
+    run = tmp_path / "run"
+    assert azr.main(["--preset", "cpu-demo", "--iterations", "1", "--output-dir", str(run)]) == 0
+    rows = metrics(run)
+    assert [r["iteration"] for r in rows] == [1]
+    assert rows[0]["time/generation"] > 0 and rows[0]["tokens_per_second"] > 0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert any(s["response"].strip() for s in samples), "the model wrote nothing"
+    base = AutoModelForCausalLM.from_pretrained(models.resolve_model(models.DEFAULT_MODEL), dtype=torch.bfloat16)
+    PeftModel.from_pretrained(base, str(run / "checkpoint" / "adapter"))   # the adapter is in PEFT format
