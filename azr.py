@@ -164,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default})", "dest": f.name}
+        presets = "".join(f"; {name}: {values[f.name]}" for name, values in PRESETS.items() if f.name in values)
+        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default}{presets})", "dest": f.name}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
@@ -534,7 +535,7 @@ SAFETY_PATTERNS = re.compile(
 def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, timer: Timer,
                       update: dict, forced: int, device: torch.device) -> dict:
     """One metrics.jsonl line: per-group rewards and rates, buffer sizes, timings, throughput, memory."""
-    m: dict[str, Any] = {"iteration": iteration}
+    m: dict[str, Any] = {"iteration": iteration, "timestamp": time.time()}
     groups: dict[str, list[Rollout]] = defaultdict(list)
     for s in samples:
         groups[f"{s.task_type}/{s.role}"].append(s)
@@ -794,14 +795,19 @@ def log(line: str) -> None:
         print(line, flush=True)
 
 
+SEED_ROUNDS = 4
+
+
 def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, counts: dict[str, int],
                  rng: random.Random) -> None:
     """Step 0: propose from the identity seed until each buffer holds seed_buffer_size tasks (no gradient).
 
-    Gives up after 4x the needed proposals per type, so a weak model cannot stall the run here."""
+    Each round proposes every buffer's whole shortfall in one batch (large batches generate fastest); after
+    SEED_ROUNDS rounds it gives up, so a weak model cannot stall the run here."""
     timer = Timer()
-    for _ in range(4 * math.ceil(cfg.seed_buffer_size / max(1, min(counts.values())))):
-        todo = {t: n for t, n in counts.items() if n and len(buffers[t]) < cfg.seed_buffer_size}
+    for _ in range(SEED_ROUNDS):
+        todo = {t: cfg.seed_buffer_size - len(buffers[t]) for t, n in counts.items()
+                if n and len(buffers[t]) < cfg.seed_buffer_size}
         if not todo:
             break
         _, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, 0, rng, todo, cfg.force_accept_tasks, timer)

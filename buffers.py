@@ -3,7 +3,8 @@
 Policies (stated, tested):
 - Dedup: a task is an exact duplicate of another when its key matches: normalised program
   (`ast.unparse(ast.parse(program))`, so whitespace/comments/quote style do not matter; raw stripped
-  text when it does not parse) plus the input text (induction: the tuple of inputs). Duplicates are skipped.
+  text when it does not parse) plus the normalised input (`normalize_input`, so `1,2` == `1, 2`; induction:
+  the tuple of normalised inputs). Duplicates are skipped.
 - Capacity and eviction: FIFO, oldest first. A new task is never dropped because the buffer is full;
   the oldest tasks (seeds first, as they are oldest) are evicted to make room. If a single `add` call
   brings more new tasks than the capacity, only its last `capacity` tasks are kept.
@@ -47,10 +48,10 @@ class Task:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def key(self) -> tuple:
-        """Dedup key: task type, normalised program, and the input(s)."""
+        """Dedup key: task type, normalised program, and the normalised input(s)."""
         if self.inputs:
-            return (self.task_type, normalize_program(self.program), tuple(s.strip() for s in self.inputs))
-        return (self.task_type, normalize_program(self.program), self.input.strip())
+            return (self.task_type, normalize_program(self.program), tuple(normalize_input(s) for s in self.inputs))
+        return (self.task_type, normalize_program(self.program), normalize_input(self.input))
 
 
 def normalize_program(program: str) -> str:
@@ -59,6 +60,16 @@ def normalize_program(program: str) -> str:
         return ast.unparse(ast.parse(program))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return program.strip()
+
+
+def normalize_input(text: str) -> str:
+    """ast.dump of the call's arguments (so '1,2' == '1, 2'); stripped text if it does not parse."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        return ast.dump(ast.Tuple(elts=call.args + [k.value for k in call.keywords], ctx=ast.Load())) \
+            + repr([k.arg for k in call.keywords])
+    except Exception:
+        return text.strip()
 
 
 # seeds: the paper's identity triplet `def f(a): return a` on 'Hello world'

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import model as models
 from buffers import Task
-from prompts import FORMAT, chat, parse_answer, solve_prompt
+from prompts import chat, parse_answer, solve_prompt
 from rewards import check_answers
 from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches, same_output
 
@@ -47,12 +47,17 @@ Write the body of the function below so that it does what its docstring says.
 ```python
 {prompt}
 ```
-Give the complete function (its signature, body, and any imports or helpers it needs) in a ```python block:
+Reply in exactly this form, with the complete function (its signature, body, and any imports or helpers it
+needs) in the ```python block:
+<think>
+How to implement it.
+</think>
+<answer>
 ```python
 def {entry_point}(...):
     ...
 ```
-{fmt}"""
+</answer>"""
 
 
 class EvalError(Exception):
@@ -116,7 +121,7 @@ def cruxeval_task(item: dict, task_type: str) -> Task:
 def build_prompt(benchmark: str, item: dict) -> str:
     """The raw user prompt (the chat template is applied at generation time)."""
     if benchmark == "humaneval":
-        return _HUMANEVAL_PROMPT.format(prompt=item["prompt"].strip("\n"), entry_point=item["entry_point"], fmt=FORMAT)
+        return _HUMANEVAL_PROMPT.format(prompt=item["prompt"].strip("\n"), entry_point=item["entry_point"])
     return solve_prompt(cruxeval_task(item, BENCHMARKS[benchmark]))
 
 

@@ -47,6 +47,8 @@ class Answer:
 
 # ----------------------------------------------------------------------------- templates
 
+# The six templates end with a literal answer skeleton; FORMAT is the same request in one line, for new templates
+# (examples/custom_task_type.py) and evaluate.py.
 FORMAT = ("Think first, then answer, exactly as: <think> your reasoning </think> "
           "<answer> your fenced blocks </answer>")
 
@@ -63,15 +65,20 @@ Reference tasks (do not copy them):
 {references}
 {rules}
 Make it require several steps of state tracking to solve; be creative.
-Give the program in a ```python block and the input in an ```input block, e.g.
+Reply in exactly this form (the program below only shows the form: write a different one):
+<think>
+A short plan of the program.
+</think>
+<answer>
 ```python
-def f(name, info):
-    return ...
+def f(word, shift):
+    letters = [chr((ord(c) - 97 + shift) % 26 + 97) for c in word]
+    return ''.join(sorted(letters))
 ```
 ```input
-'John', {{'age': 20}}
+'azure', 3
 ```
-{fmt}"""
+</answer>"""
 
 _GOALS = {
     "deduction": "deducing the output from the program and input is hard",
@@ -85,14 +92,22 @@ input/output pairs alone, and a short message that hints at what the program doe
 {program}
 ```
 Each input is the argument list of one call f(<input>): commas between arguments, quotes around strings.
-Give each input in its own ```input block and the message in one ```message block, e.g.
+Reply in exactly this form: {n} ```input blocks, each with one input, then one ```message block:
+<think>
+A short plan of which inputs reveal the program.
+</think>
+<answer>
 ```input
-'abc', 2
+first input
 ```
+```input
+second input
+```
+(and so on: {n} input blocks in all)
 ```message
-Combines a string and a count.
+One sentence hinting at what the program does.
 ```
-{fmt}"""
+</answer>"""
 
 _SOLVE_DEDUCTION = """## Task: Deduce the output of a Python program for an input
 ```python
@@ -101,11 +116,16 @@ _SOLVE_DEDUCTION = """## Task: Deduce the output of a Python program for an inpu
 ```input
 {input}
 ```
-Give the return value of f({input_short}) as a Python literal in an ```output block:
+What does f({input_short}) return? Trace the program step by step, then reply in exactly this form, with only
+the return value, written as a Python literal (like 3, 'abc' or [1, 'x']), in the ```output block:
+<think>
+Your step-by-step trace.
+</think>
+<answer>
 ```output
-<value>
+the return value
 ```
-{fmt}"""
+</answer>"""
 
 _SOLVE_ABDUCTION = """## Task: Find an input that makes a Python program return an output
 ```python
@@ -114,21 +134,31 @@ _SOLVE_ABDUCTION = """## Task: Find an input that makes a Python program return 
 ```output
 {output}
 ```
-Give any input (the argument list of f, quotes around strings) that produces this output, in an ```input block:
+Find any input that makes f return this output. Reply in exactly this form, with only the arguments of the
+call f(...), written as Python literals (like 3, 'abc' or [1, 2], 'x'), in the ```input block:
+<think>
+Your reasoning backwards from the output.
+</think>
+<answer>
 ```input
-<arguments>
+the arguments
 ```
-{fmt}"""
+</answer>"""
 
 _SOLVE_INDUCTION = """## Task: Infer a Python program from input/output pairs
 Message: {message}
 {pairs}
-Write a function `f` that maps every input to its output (hidden test pairs are checked too), in a ```python block:
+Write a function `f` that maps every input to its output (hidden test pairs are checked too). Reply in exactly
+this form:
+<think>
+The pattern you see in the pairs.
+</think>
+<answer>
 ```python
 def f(...):
-    return ...
+    ...
 ```
-{fmt}"""
+</answer>"""
 
 
 def _fence(lang: str, body: str) -> str:
@@ -147,7 +177,7 @@ def propose_io_prompt(task_type: str, references: list[Task], forbidden_modules:
                       program: Task | None = None, num_inputs: int = 10) -> str:
     refs = "\n".join(f"### Reference {i + 1}\n{render_reference(t)}" for i, t in enumerate(references)) or "(none)"
     rules = _CODE_RULES.format(banned=", ".join(forbidden_modules) or "(none)")
-    return _PROPOSE_IO.format(goal=_GOALS[task_type], references=refs, rules=rules, fmt=FORMAT)
+    return _PROPOSE_IO.format(goal=_GOALS[task_type], references=refs, rules=rules)
 
 
 def propose_induction_prompt(task_type: str, references: list[Task], forbidden_modules: Sequence[str],
@@ -156,23 +186,23 @@ def propose_induction_prompt(task_type: str, references: list[Task], forbidden_m
         if not references:
             raise ValueError("induction proposal needs a program (or at least one reference task)")
         program = references[0]
-    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip(), fmt=FORMAT)
+    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip())
 
 
 def solve_deduction_prompt(task: Task, num_shown: int = 5) -> str:
     short = task.input.strip()
     short = short if len(short) <= 60 and "\n" not in short else "<input>"
-    return _SOLVE_DEDUCTION.format(program=task.program.strip(), input=task.input.strip(), input_short=short, fmt=FORMAT)
+    return _SOLVE_DEDUCTION.format(program=task.program.strip(), input=task.input.strip(), input_short=short)
 
 
 def solve_abduction_prompt(task: Task, num_shown: int = 5) -> str:
-    return _SOLVE_ABDUCTION.format(program=task.program.strip(), output=task.output.strip(), fmt=FORMAT)
+    return _SOLVE_ABDUCTION.format(program=task.program.strip(), output=task.output.strip())
 
 
 def solve_induction_prompt(task: Task, num_shown: int = 5) -> str:
     pairs = "\n".join(f"Input: f({i.strip()})\nOutput: {o.strip()}"
                       for i, o in zip(task.inputs[:num_shown], task.outputs[:num_shown]))
-    return _SOLVE_INDUCTION.format(message=task.message.strip() or "(none)", pairs=pairs, fmt=FORMAT)
+    return _SOLVE_INDUCTION.format(message=task.message.strip() or "(none)", pairs=pairs)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -352,7 +382,7 @@ def parse_proposal(task_type: str, text: str, program: str = "") -> Proposal:
     """Never raises. `program`: for induction, the buffer program the prompt showed (copied into the Proposal)."""
     if not isinstance(text, str):
         return Proposal(program=program, error="not a string")
-    if task_type not in PROPOSAL_PARSERS:
+    if not isinstance(task_type, str) or task_type not in PROPOSAL_PARSERS:
         return Proposal(program=program, error=f"unknown task type {task_type!r}")
     return PROPOSAL_PARSERS[task_type](task_type, text, program)
 
@@ -361,7 +391,7 @@ def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
     """Never raises; lenient = force-accept warm-up (tags optional, bare text accepted, no format penalty)."""
     if not isinstance(text, str):
         return Answer(well_formatted=lenient, error="not a string")
-    if task_type not in ANSWER_PARSERS:
+    if not isinstance(task_type, str) or task_type not in ANSWER_PARSERS:
         return Answer(error=f"unknown task type {task_type!r}")
     return ANSWER_PARSERS[task_type](text, lenient)
 

@@ -12,19 +12,21 @@ Rewards (paper arXiv 2505.03335, Eqs. 4-5):
 validate_proposals refines the spec's `list[Task | str]` return type to `list[ValidationResult]`:
   ValidationResult(task, reason, hard, force_accepted); `task` is None when rejected.
 Hard checks (always reject): parse failure (no program / no input), static screen (check_program),
-  does not run or is not deterministic (sandbox with repeats=2), induction with < num_shown + 1 usable inputs.
+  does not run or is not deterministic (sandbox with repeats=2: two processes), induction with fewer than
+  num_shown + 1 usable inputs.
 Soft checks (reject unless force_accept): response not well formatted (think/answer tags), duplicate of a task in
   `existing` or earlier in the batch, trivial task (deduction/abduction: output equals the input; induction: all
-  outputs equal; induction without a message), output not a plain literal (when the sandbox reports it).
+  outputs equal; induction without a message), output not a plain literal (Result.literal).
   With force_accept=True a task that fails only soft checks is accepted with force_accepted=True and its reason.
 Induction rule: proposed inputs are run in order (repeats=2); an input is usable when it ran ok and its normalised
-  text (ast.dump of the call's arguments) differs from every earlier usable input. At least num_shown + 1 usable
-  inputs are needed; all usable inputs are kept, the first num_shown are shown to the solver, the rest held out.
-Correctness (check_answers): deduction compares the predicted literal text with the gold output via same_output
-  (never executed); abduction runs the task program on the predicted input and compares with the gold output;
-  induction runs the predicted program on every held-out input and is correct only if ALL outputs match.
-  Outputs produced from solver-controlled code must be genuine literals: when the sandbox Result carries a
-  literal flag it must be true; without it, abduction answers must be literal argument lists.
+  text (ast.dump of the call's arguments) differs from every earlier usable input. The first num_shown usable
+  inputs are shown to the solver and up to num_shown more are held out (the paper's 5 + 5 when all 10 are
+  usable; later ones are dropped); at least one must be held out, so num_shown + 1 usable inputs are needed.
+Correctness (check_answers, sandbox runs with repeats=2): deduction compares the predicted literal text with the
+  gold output via same_output (never executed); abduction runs the task program on the predicted input, which must
+  be a literal argument list (an expression would be solver-written code, and the prompt shows the gold output),
+  and compares with the gold output; induction runs the predicted program on every held-out input and is correct
+  only if ALL outputs match. Outputs are compared with sandbox.output_matches: a genuine literal, same_output.
 
 Per task type behaviour sits in the RULES registry (register_rules adds a task type).
 """
@@ -37,13 +39,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from buffers import Task, TaskBuffer, normalize_program
+from buffers import Task, TaskBuffer, normalize_input, normalize_program
 from prompts import Answer, Proposal
-from sandbox import FORBIDDEN_MODULES, check_program, same_output
+from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
 
 INVALID_PROPOSAL_REWARD = -1.0
 COMPLEXITY_SCALE = 200  # AST nodes for complexity_reward == 1.0
-_LITERAL_FIELDS = ("literal", "is_literal", "output_is_literal")  # Result flag names we understand, if any
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -113,14 +114,6 @@ def combined_proposer_reward(success_rate: float, task: Task | None = None, othe
 
 # ----------------------------------------------------------------------------- helpers
 
-def _literal_flag(result) -> bool | None:
-    for name in _LITERAL_FIELDS:
-        v = getattr(result, name, None)
-        if isinstance(v, bool):
-            return v
-    return None
-
-
 def literal_args(text: str) -> bool:
     """True if `text` is an argument list of plain literals (positional or keyword), e.g. "'a', [1, 2], k=3"."""
     try:
@@ -134,16 +127,6 @@ def literal_args(text: str) -> bool:
         return all(k.arg is not None for k in call.keywords)
     except Exception:
         return False
-
-
-def normalize_input(text: str) -> str:
-    """ast.dump of the call's arguments (so '1,2' == '1, 2'); stripped text if it does not parse."""
-    try:
-        call = ast.parse(f"f({text})", mode="eval").body
-        return ast.dump(ast.Tuple(elts=call.args + [k.value for k in call.keywords], ctx=ast.Load())) \
-            + repr([k.arg for k in call.keywords])
-    except Exception:
-        return text.strip()
 
 
 # ----------------------------------------------------------------------------- per task type rules
@@ -171,7 +154,7 @@ def _io_builder(task_type: str):
 
 
 def _io_soft(task: Task, p: Proposal, results: list) -> str | None:
-    if _literal_flag(results[0]) is False:
+    if not results[0].literal:
         return "output is not a plain literal"
     if same_output(task.output, task.input) or same_output(task.output, f"({task.input},)"):
         return "trivial: output equals input"
@@ -186,7 +169,7 @@ def _induction_build(p: Proposal, results: list, iteration: int, num_shown: int)
     inputs, outputs, seen = [], [], set()
     for inp, res in zip(p.inputs, results):
         key = normalize_input(inp)
-        if res.ok and res.output is not None and key not in seen:
+        if res.ok and res.output is not None and key not in seen and len(inputs) < 2 * num_shown:
             seen.add(key)
             inputs.append(inp)
             outputs.append(res.output)
@@ -198,17 +181,13 @@ def _induction_build(p: Proposal, results: list, iteration: int, num_shown: int)
 
 
 def _induction_soft(task: Task, p: Proposal, results: list) -> str | None:
-    if any(_literal_flag(r) is False for r in results if r.ok):
+    if not all(r.literal for r in results if r.ok):
         return "output is not a plain literal"
     if all(same_output(o, task.outputs[0]) for o in task.outputs[1:]):
         return "trivial: all outputs equal"
     if not task.message.strip():
         return "no message"
     return None
-
-
-def _genuine(result) -> bool:
-    return _literal_flag(result) is not False
 
 
 def _deduction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
@@ -220,17 +199,13 @@ def _deduction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bo
 
 
 def _abduction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
-    return [(task.program, a.text.strip())] if a.text.strip() else []
+    # only literal argument lists run: an input expression would be solver-written code, and code that escaped
+    # the static screen could forge its own result line with the gold output, which the prompt shows
+    return [(task.program, a.text.strip())] if literal_args(a.text) else []
 
 
 def _abduction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bool:
-    if not results:
-        return False
-    res = results[0]
-    flag = _literal_flag(res)
-    if flag is None and not literal_args(a.text):
-        return False  # no literal flag from the sandbox: only literal inputs can be trusted
-    return bool(res.ok) and flag is not False and same_output(res.output, task.output)
+    return bool(results) and output_matches(results[0], task.output)
 
 
 def _induction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[str, str]]:
@@ -244,7 +219,7 @@ def _induction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bo
     gold = task.outputs[num_shown:]
     if not results or len(results) != len(gold):
         return False
-    return all(r.ok and _genuine(r) and same_output(r.output, g) for r, g in zip(results, gold))
+    return all(output_matches(r, g) for r, g in zip(results, gold))
 
 
 RULES: dict[str, TaskRules] = {
@@ -325,7 +300,8 @@ def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration:
 
 
 def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int = 5) -> list[bool]:
-    """Correctness of each answer for its task, with ONE sb.run_many batch (repeats=1)."""
+    """Correctness of each answer for its task, with ONE sb.run_many batch (repeats=2: a result that differs
+    between two processes never counts, so a coin-flip program cannot earn a solve rate of about 1/2)."""
     if len(tasks) != len(answers):
         raise ValueError("tasks and answers differ in length")
     spans, jobs = [], []
@@ -337,7 +313,7 @@ def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int =
             continue
         spans.append((len(jobs), len(jobs) + len(js)))
         jobs += js
-    results = sb.run_many(jobs, repeats=1) if jobs else []
+    results = sb.run_many(jobs, repeats=2) if jobs else []
     out = []
     for t, a, span in zip(tasks, answers, spans):
         if span is None or not a.text.strip():

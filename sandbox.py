@@ -3,33 +3,49 @@
 Every reward in AZR comes from running code the model wrote, so this module must be right, safe against
 hostile and reward-hacking programs, and fast. Two layers:
 
-1. `check_program` / `check_inputs`: a static `ast` screen (no `f`, forbidden imports, forbidden builtin
-   calls, scope-aware so a parameter named `input` is fine). It gives task validity its reasons; it is *not*
-   the safety boundary.
-2. `Sandbox`: each program runs in its own fresh process, forked from a pre-warmed worker ("fork server").
-   Workers are small `python -P -s -S` processes started with an explicit minimal env (never forks of the
-   caller, which may hold torch threads); they talk to the parent over pipes, and each keeps one child
-   forked and confined ahead of time, so a job costs one pipe write. Each child gets rlimits (CPU, address
-   space, processes, file size, open files, no core), a wall-clock kill of its process group, a private temp
-   cwd (removed afterwards), stdin on /dev/null, stdout/stderr captured and capped, and on Linux: a private
-   empty network namespace (per worker), no capabilities, no_new_privs, Landlock (reads only under the
-   Python stdlib and its temp dir, writes only in its temp dir, no TCP, no signals or abstract unix sockets
-   outside its domain) and a seccomp filter (x86_64: no sockets, no fork/clone/exec, no ptrace, signals
-   only to itself, no raising rlimits, no chmod/chown/xattr/mount/namespaces/SysV IPC/...). Missing OS
-   features are detected at start-up (a probe child) and reported by one RuntimeWarning.
+1. `check_program` / `check_inputs`: a static `ast` screen. It rejects programs with no `f`; imports of
+   FORBIDDEN_MODULES (AZR's list plus escape hatches: os, sys, inspect, gc, types, pickle, ctypes, string, ...)
+   and of private `_x` modules; the builtins in FORBIDDEN_CALLS (`eval`, `open`, `getattr`, `vars`, ...) where
+   no enclosing scope binds that name (a parameter named `input` is fine); attribute names that reach the
+   interpreter's internals (dunders other than `__init__`/`__name__`/..., private `_x` names, frame/code/
+   generator internals such as gi_frame and f_globals, attrgetter, methodcaller, Formatter, get_field, open,
+   and names of forbidden modules such as `typing.sys`); dunder names such as `__builtins__`. The error says
+   which rule fired. It gives task validity its reasons and keeps programs away from `os`; it is *not* the
+   safety boundary.
+2. `Sandbox`: each run is its own fresh process, forked from a pre-warmed worker ("fork server"). Workers are
+   small `python -P -s -S` processes started with an explicit minimal env (never forks of the caller, which may
+   hold torch threads); they talk to the parent over pipes, and each keeps one child forked and confined ahead
+   of time, so a run costs one pipe write. Workers are not dumpable (PR_SET_DUMPABLE 0, inherited by the
+   children: no /proc/<pid>/mem writes into a worker). Each child gets rlimits (CPU, address space, processes,
+   file size, open files, no core), a wall-clock kill of its process group, PDEATHSIG, a private temp cwd
+   (removed afterwards), stdin on /dev/null, stdout/stderr captured and capped, and on Linux: a private empty
+   network namespace (per worker), no capabilities, no_new_privs, Landlock (reads only under the Python stdlib
+   and its temp dir, writes only in its temp dir, no TCP, no signals or abstract unix sockets outside its
+   domain) and a seccomp filter (x86_64: no sockets, no fork/clone/exec, no ptrace, signals only to itself, no
+   raising rlimits, no chmod/chown/xattr/mount/namespaces/SysV IPC/...). Missing OS features are detected at
+   start-up (a probe child; `Sandbox()` waits for it) and reported by one RuntimeWarning. RLIMIT_NPROC does
+   not stop root, so where seccomp is missing (any arch but x86_64) a program that escapes the screen can fork.
 
-`repeats=n` runs f n times in the same child, each time re-executing the program in a fresh namespace and
-re-evaluating the inputs; the result is ok only if all reprs are equal (else 'nondeterministic'). The
-timeout covers all repeats together. PYTHONHASHSEED is fixed, so set orders agree across workers and runs.
+`repeats=n` runs n separate child processes, each executing the program and calling f once, placed on
+different workers where possible (different workers have different address-space layouts; each child also
+shifts its heap by a random amount, so `id()`-dependent results differ). The trusted parent compares them:
+ok only if every run is ok and all repr texts and literal flags are identical, else 'nondeterministic' (or
+the error of a failed run). The timeout is per run. PYTHONHASHSEED is fixed, so set orders of str/int agree
+across workers and runs.
 
 The child sends back only text: the repr of the return value and whether the value was a plain literal
 (None/bool/int/float/complex/str/bytes/list/tuple/dict/set/frozenset, recursively, exact types, no
-cycles); the parent re-checks that the text parses as a literal (`literal_value`). Outputs are compared in
-the trusted parent by `same_output` (ast-based, never eval), so an object whose `__eq__` is always True
-gains nothing. A custom object whose `__repr__` returns the gold text does yield that text, with
-`literal=False`: rewards should use `output_matches` (ok and literal and same_output) for outputs of
-model-written code. Limitation: a program that reaches `os` can write its own result line, so it can fake
-what it "returned" (including passing the repeats check), though it cannot affect anything outside itself.
+cycles); the parent re-checks that the text parses as a literal (`literal_value`, which also accepts inf and
+nan). Outputs are compared in the trusted parent by `same_output` (ast-based, never eval), so an object
+whose `__eq__` is always True gains nothing. A custom object whose `__repr__` returns the gold text does yield
+that text, with `literal=False`: rewards should use `output_matches` (ok and literal and same_output) for
+outputs of model-written code.
+
+Residual risk: a program that gets past the screen to `os` (or any way to write to fd 3) can write a
+well-formed result line of its own, so it can fake what it "returned" (the same forged line in every run
+also passes the repeats check), though it cannot affect anything outside its own process. The mitigations are
+the screen (which every proposed and solver-written program passes) and abduction answers that rewards runs
+only when they are literal argument lists, so a solver cannot inject code through an input.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 FORBIDDEN_MODULES: tuple[str, ...] = (
@@ -52,27 +69,54 @@ FORBIDDEN_MODULES: tuple[str, ...] = (
     "hashlib", "hmac", "bcrypt", "calendar",
     # ours: escape hatches to the OS or the interpreter
     "os", "sys", "shutil", "socket", "signal", "ctypes", "importlib", "pathlib", "io", "builtins",
+    "inspect", "gc", "types", "pickle", "marshal", "copyreg", "shelve", "dill", "code", "codeop", "pdb", "runpy",
+    "pkgutil", "zipimport", "tracemalloc", "faulthandler", "mmap", "fcntl", "resource", "pty", "posix", "_thread",
+    "_posixsubprocess", "_ctypes", "tempfile", "glob", "sysconfig", "site", "platform", "asyncio", "concurrent",
+    "socketserver", "http", "urllib", "ftplib", "smtplib", "webbrowser", "xmlrpc", "sqlite3", "dbm", "tarfile",
+    "zipfile", "atexit", "string",
+    # ours: modules that run source text or resolve dotted names, bypassing the screen
+    "timeit", "doctest", "cProfile", "profile", "trace", "pydoc", "unittest", "bdb", "rlcompleter", "idlelib",
+    "ensurepip", "venv", "tkinter", "turtle",
 )
 FORBIDDEN_CALLS: tuple[str, ...] = (
     "__import__", "open", "exec", "eval", "compile", "input", "breakpoint", "globals",
+    "getattr", "setattr", "delattr", "vars", "locals", "dir", "__build_class__",
 )
+# Attribute names rejected wherever they appear (`x.name`, `from m import name`, `case C(name=...)`): frame,
+# code and generator internals; string-keyed attribute access; string.Formatter's object lookup; `open` (e.g.
+# codecs.open(3, 'w') writes to any fd); typing.get_type_hints (evaluates annotation strings).
+FORBIDDEN_ATTRIBUTES: frozenset[str] = frozenset({
+    "gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code", "f_back", "f_builtins", "f_globals",
+    "f_locals", "f_code", "f_trace", "tb_frame", "tb_next",
+    "attrgetter", "methodcaller", "Formatter", "get_field", "open", "get_type_hints",
+})
+# Dunder attributes (`x.__name__`) and dunder names allowed; every other `__x__` attribute or name is rejected.
+ALLOWED_DUNDER_ATTRIBUTES: frozenset[str] = frozenset({"__init__", "__name__", "__qualname__", "__doc__"})
+ALLOWED_DUNDER_NAMES: frozenset[str] = frozenset({"__name__", "__doc__", "__debug__"})
+# Forbidden modules that are banned for nondeterminism, not because their module object is an escape hatch:
+# an attribute with such a name (`m.string`, `d.time`) stays fine. Any other forbidden module's name (`x.os`,
+# `typing.sys`, `collections._sys`) is rejected as an attribute, so a module that imported it cannot hand it out.
+_HARMLESS_MODULE_NAMES = frozenset({"random", "datetime", "time", "calendar", "hashlib", "hmac", "bcrypt", "string"})
+# `from m import *` only from these (a star import hides which names it binds from the screen).
+_STAR_IMPORT_OK = frozenset({"math", "cmath", "itertools", "collections", "heapq", "bisect", "fractions", "decimal",
+                             "statistics", "functools"})
 # Modules imported once by every worker, so programs that use them pay nothing per run.
 PREIMPORT: tuple[str, ...] = (
-    "collections", "collections.abc", "itertools", "functools", "math", "cmath", "re", "string", "heapq",
+    "collections", "collections.abc", "itertools", "functools", "math", "cmath", "re", "heapq",
     "bisect", "operator", "copy", "json", "fractions", "decimal", "typing", "dataclasses",
     "enum", "textwrap", "unicodedata", "array", "numbers", "struct", "base64", "binascii", "difflib",
-    "pprint", "keyword", "abc", "types", "contextlib", "reprlib", "codecs", "zlib", "weakref",
+    "pprint", "keyword", "abc", "contextlib", "reprlib", "codecs", "zlib", "weakref",
 )
 
 
 @dataclass
 class Result:
-    ok: bool                      # program ran and f(<inputs>) returned (on every repeat, identically)
+    ok: bool                      # program ran and f(<inputs>) returned (in every repeat process, identically)
     output: str | None = None     # repr() of the return value (at most max_output_chars, else an error)
     error: str | None = None      # short reason when not ok: 'timeout', 'memory', 'forbidden import: os', ...
     literal: bool = False         # the returned value was a plain literal (see module doc); False if not ok
-    stdout: str = ""              # captured stdout+stderr of the child (capped)
-    seconds: float = 0.0          # wall time of the child as measured by its worker
+    stdout: str = ""              # captured stdout+stderr of the (first, or failed) child (capped)
+    seconds: float = 0.0          # wall time of the slowest run's child as measured by its worker
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,34 +207,94 @@ def _forbidden_name_use(tree: ast.AST, forbidden: set[str]) -> str | None:
     return visit(tree, [module_scope])
 
 
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def _attribute_rule(name: str, handles: frozenset[str]) -> str | None:
+    """Why the attribute name `name` is forbidden, or None."""
+    if _is_dunder(name):
+        return None if name in ALLOWED_DUNDER_ATTRIBUTES else f"forbidden attribute: {name}"
+    if name.startswith("_") or name in FORBIDDEN_ATTRIBUTES or name in handles:
+        return f"forbidden attribute: {name}"
+    return None
+
+
+def _forbidden_attribute_use(tree: ast.AST, forbidden_modules) -> str | None:
+    """Attribute names (in `x.name`, `from m import name`, `import a.name`, `case C(name=...)`) and dunder names
+    that reach the interpreter's internals; see FORBIDDEN_ATTRIBUTES and ALLOWED_DUNDER_*."""
+    handles = frozenset(m.split(".")[0] for m in forbidden_modules) - _HARMLESS_MODULE_NAMES
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names if a.name != "*"] + (node.module or "").split(".")[1:]
+        elif isinstance(node, ast.Import):
+            names = [part for a in node.names for part in a.name.split(".")[1:]]
+        elif isinstance(node, ast.MatchClass):
+            names = list(node.kwd_attrs)
+        elif isinstance(node, ast.Name) and _is_dunder(node.id) and node.id not in ALLOWED_DUNDER_NAMES:
+            return f"forbidden name: {node.id}"
+        for name in names:
+            if (reason := _attribute_rule(name, handles)):
+                return reason
+    return None
+
+
+def _import_rule(module: str, banned: set[str]) -> str | None:
+    top = module.split(".")[0]
+    if top in banned or (top.startswith("_") and top != "__future__"):    # private modules: _io, _imp, _thread, ...
+        return f"forbidden import: {top}"
+    return None
+
+
+def _screen_tree(tree: ast.AST, forbidden_modules, forbidden_calls) -> str | None:
+    """The rules shared by check_program and check_inputs, in order: imports, calls, attributes and names."""
+    banned = set(forbidden_modules)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if (r := _import_rule(alias.name, banned)):
+                    return r
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                return "forbidden import: relative import"
+            if (r := _import_rule(node.module or "", banned)):
+                return r
+            if any(a.name == "*" for a in node.names) and node.module not in _STAR_IMPORT_OK:
+                return f"forbidden import: from {node.module} import *"
+    try:
+        return _forbidden_name_use(tree, set(forbidden_calls)) or _forbidden_attribute_use(tree, forbidden_modules)
+    except RecursionError:
+        return "SyntaxError: too deeply nested"
+
+
 def check_program(program: str, forbidden_modules=FORBIDDEN_MODULES, forbidden_calls=FORBIDDEN_CALLS) -> str | None:
-    """Static screen: None if the program is acceptable, else the reason (which rule fired)."""
+    """Static screen: None if the program is acceptable, else the reason (which rule fired), e.g.
+    'forbidden import: pickle', 'forbidden call: getattr', 'forbidden attribute: __class__',
+    'forbidden name: __builtins__', 'no function f'. Rules: imports of `forbidden_modules` and of private
+    (`_x`) modules; star imports except from a few plain modules; the builtins in `forbidden_calls` where no
+    enclosing scope binds that name; attribute names that reach interpreter internals (dunders except
+    ALLOWED_DUNDER_ATTRIBUTES, private `_x` names, FORBIDDEN_ATTRIBUTES, names of forbidden modules); dunder
+    names (`__builtins__`). Not the safety boundary (the OS-level confinement is), but it keeps programs
+    away from `os` and from the result channel."""
     try:
         tree = ast.parse(program)
     except SyntaxError as e:
         return f"SyntaxError: {e.msg} (line {e.lineno})"
     except (ValueError, MemoryError, RecursionError) as e:  # e.g. null bytes, absurd nesting
         return f"SyntaxError: {type(e).__name__}"
-    banned = set(forbidden_modules)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] in banned:
-                    return f"forbidden import: {alias.name.split('.')[0]}"
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                return "forbidden import: relative import"
-            if (node.module or "").split(".")[0] in banned:
-                return f"forbidden import: {node.module.split('.')[0]}"
-    if (r := _forbidden_name_use(tree, set(forbidden_calls))):
+    if (r := _screen_tree(tree, forbidden_modules, forbidden_calls)):
         return r
     if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "f" for n in tree.body):
         return "no function f"
     return None
 
 
-def check_inputs(inputs: str, forbidden_calls=FORBIDDEN_CALLS) -> str | None:
-    """Screen the argument text: `f(<inputs>)` must parse as one call of f with forbidden builtins unused."""
+def check_inputs(inputs: str, forbidden_calls=FORBIDDEN_CALLS, forbidden_modules=FORBIDDEN_MODULES) -> str | None:
+    """Screen the argument text: `f(<inputs>)` must parse as one call of f, with the same call, attribute and
+    name rules as check_program."""
     try:
         tree = ast.parse(f"f({inputs}\n)", mode="eval")
     except SyntaxError as e:
@@ -202,17 +306,25 @@ def check_inputs(inputs: str, forbidden_calls=FORBIDDEN_CALLS) -> str | None:
         return "invalid inputs"
     if any(isinstance(n, ast.NamedExpr) for n in ast.walk(tree)):
         return "invalid inputs"
-    return _forbidden_name_use(tree, set(forbidden_calls))
+    return _screen_tree(tree, forbidden_modules, forbidden_calls)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # trusted equality
 
 
+_FLOAT_NAMES = {"inf": lambda: math.inf, "nan": lambda: float("nan"), "infj": lambda: complex(0.0, math.inf),
+                "nanj": lambda: complex(0.0, float("nan"))}
+
+
 def _literal(node: ast.AST):
-    """ast.literal_eval's rules plus set() and frozenset(<literal>) (how repr writes them); never evaluates code."""
+    """ast.literal_eval's rules plus set(), frozenset(<literal>) and the names inf, nan, infj, nanj (how repr
+    writes them: `[inf, -inf, nan]`); never evaluates code. Each nan is a fresh float, so `nan` equals only itself
+    as identical text (same_output compares texts first)."""
     if isinstance(node, ast.Constant):
         return node.value
+    if isinstance(node, ast.Name) and node.id in _FLOAT_NAMES:
+        return _FLOAT_NAMES[node.id]()
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
         items = [_literal(e) for e in node.elts]
         return tuple(items) if isinstance(node, ast.Tuple) else (items if isinstance(node, ast.List) else set(items))
@@ -260,7 +372,8 @@ def same_output(a: str | None, b: str | None, strict: bool = False, max_chars: i
     ast.literal_eval rules plus set()/frozenset()), never eval.
 
     Both literals: Python equality, as AZR and CRUXEval (`strict=True` also requires identical types, so
-    `1` != `True` != `1.0`). Otherwise (not literals, e.g. `nan` or a custom repr): exact string equality.
+    `1` != `True` != `1.0`); `inf` and `nan` are float literals, and as nan != nan, a value containing nan
+    equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact string equality.
     """
     if a is None or b is None:
         return False
@@ -341,9 +454,6 @@ def _seccomp_tree(ranges: list[tuple[int, bytes]]) -> bytes:
     return _bpf(_BPF_JGE, len(left) // 8, 0, ranges[mid][0]) + left + right
 
 
-_SECCOMP_CACHE: dict = {}
-
-
 def _seccomp_program(pid: int) -> bytes:
     """Deny-list filter (EPERM); signals only to ourselves; prlimit64 only to read limits."""
     allow, deny = _bpf(_BPF_RET, 0, 0, _ALLOW), _bpf(_BPF_RET, 0, 0, _EPERM)
@@ -371,29 +481,32 @@ def _seccomp_program(pid: int) -> bytes:
 _TEMPLATE_PID = 0x3FFFFFF1   # never a real pid (pid_max <= 2**22)
 
 
-def _seccomp_for(pid: int) -> bytes:
-    """_seccomp_program(pid), from a cached template by patching the pid constants (fast in the child)."""
-    import struct
-    if "template" not in _SECCOMP_CACHE:
-        prog = _seccomp_program(_TEMPLATE_PID)
-        a, b = struct.pack("I", _TEMPLATE_PID), struct.pack("I", -_TEMPLATE_PID & 0xFFFFFFFF)
-        _SECCOMP_CACHE["template"] = (prog, a, b, prog.count(a), prog.count(b))
-    prog, a, b, na, nb = _SECCOMP_CACHE["template"]
-    out = prog.replace(a, struct.pack("I", pid)).replace(b, struct.pack("I", -pid & 0xFFFFFFFF))
-    if out.count(struct.pack("I", pid)) < na or len(out) != len(prog):
-        return _seccomp_program(pid)
-    return out
-
-
-def _install_seccomp(ctypes, libc, pid: int) -> bool:
-    if "fprog" not in _SECCOMP_CACHE:
-        class SockFprog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-        _SECCOMP_CACHE["fprog"] = SockFprog
-    prog = _seccomp_for(pid)
+def _prepare_seccomp(ctypes) -> dict:
+    """Worker start-up: the filter for a placeholder pid in a ctypes buffer, and where the pid goes. A child
+    only writes its pid into its copy of the buffer and attaches it (no allocation: few copy-on-write faults)."""
+    prog = _seccomp_program(_TEMPLATE_PID)
     buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = _SECCOMP_CACHE["fprog"](len(prog) // 8, ctypes.addressof(buf))
-    return libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    words = memoryview(buf).cast("B").cast("I")
+    pid_at = [i for i in range(1, len(words), 2) if words[i] == _TEMPLATE_PID]              # the k fields
+    neg_at = [i for i in range(1, len(words), 2) if words[i] == -_TEMPLATE_PID & 0xFFFFFFFF]
+    if not pid_at:
+        raise RuntimeError("seccomp template: placeholder pid not found")
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = SockFprog(len(prog) // 8, ctypes.addressof(buf))
+    return {"buf": buf, "fprog": fprog, "ref": ctypes.byref(fprog), "words": words, "pid_at": pid_at,
+            "neg_at": neg_at}
+
+
+def _install_seccomp(libc, sp: dict, pid: int) -> bool:
+    """In the child: put our pid into the prepared filter and attach it."""
+    words = sp["words"]
+    for i in sp["pid_at"]:
+        words[i] = pid
+    for i in sp["neg_at"]:
+        words[i] = -pid & 0xFFFFFFFF
+    return libc.prctl(22, 2, sp["ref"], 0, 0) == 0      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 def _landlock_abi(ctypes, libc) -> int:
@@ -401,22 +514,35 @@ def _landlock_abi(ctypes, libc) -> int:
     return max(v, 0)
 
 
-_FIRST_READ_FD = 5   # child fd layout: 0 /dev/null, 1-2 output, 3 result, 4 job, 5.. O_PATH fds of read_dirs
+# child fd layout: 0 /dev/null, 1-2 output, 3 result, 4 job, 5 its temp dir (O_PATH), 6.. O_PATH fds of the
+# read dirs (5.. are closed once Landlock is in place)
+_RW_FD = 5
+_FIRST_READ_FD = 6
 
 
-def _prepare_confinement(ctypes, libc, abi: int, read_dirs: list[str]) -> dict:
-    """Worker start-up: build every ctypes object the children need, so each child only makes the calls
-    (fewer copy-on-write page faults per child, which is most of a fork's cost)."""
+def _limits(cfg: dict) -> list:
+    """The children's rlimits as (resource, (soft, hard)); CPU seconds: the timeout rounded up, plus one."""
+    import resource
+    cpu = int(math.ceil(cfg["timeout"])) + 1
+    limits = [(resource.RLIMIT_AS, int(cfg["memory_mb"]) << 20), (resource.RLIMIT_CPU, cpu),
+              (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_FSIZE, int(cfg["max_file_bytes"])),
+              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+    return [(r, (v, v + (1 if r == resource.RLIMIT_CPU else 0))) for r, v in limits]
+
+
+def _prepare_confinement(ctypes, libc, abi: int, read_dirs: list[str], cfg: dict) -> dict:
+    """Worker start-up: build every object the children need (ctypes buffers, rlimits, the seccomp template),
+    so each child only makes the calls (fewer copy-on-write page faults per child, which is most of a fork's
+    cost)."""
     import struct
     for name in ("prctl", "syscall", "capset"):
         getattr(libc, name)                                     # cache the function pointers
     prep: dict = {"cap_hdr": (ctypes.c_uint32 * 2)(0x20080522, 0), "cap_data": (ctypes.c_uint32 * 6)(),
-                  "read_fds": [], "read_rules": []}
+                  "read_fds": []}
     if abi > 0:
         fs_bits = {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)
         handled_fs = (1 << fs_bits) - 1
         read = (1 << 2) | (1 << 3)                              # READ_FILE | READ_DIR
-        prep["rw_access"] = handled_fs & ~1                     # everything but EXECUTE
         if abi >= 6:
             attr = struct.pack("QQQ", handled_fs, 3, 3)         # net: BIND|CONNECT TCP; scope: abstract unix|signal
         elif abi >= 4:
@@ -424,36 +550,33 @@ def _prepare_confinement(ctypes, libc, abi: int, read_dirs: list[str]) -> dict:
         else:
             attr = struct.pack("Q", handled_fs)
         prep["attr"] = ctypes.create_string_buffer(attr, len(attr))
+        rules = [ctypes.create_string_buffer(struct.pack("=Qi", handled_fs & ~1, _RW_FD), 12)]   # all but EXECUTE
         for d in read_dirs:
             try:
                 fd = os.open(d, os.O_PATH | os.O_CLOEXEC)
             except OSError:
                 continue
-            target = _FIRST_READ_FD + len(prep["read_fds"])
+            rules.append(ctypes.create_string_buffer(struct.pack("=Qi", read, _FIRST_READ_FD + len(prep["read_fds"])),
+                                                     12))
             prep["read_fds"].append(fd)
-            prep["read_rules"].append(ctypes.create_string_buffer(struct.pack("=Qi", read, target), 12))
+        prep["rules"] = rules
         prep["args"] = (ctypes.c_size_t(len(attr)), ctypes.c_uint32(0), ctypes.c_int(1))
+    if os.uname().machine == "x86_64" and "seccomp" not in cfg.get("disable", ()):
+        prep["seccomp"] = _prepare_seccomp(ctypes)
     return prep
 
 
-def _install_landlock(ctypes, libc, prep: dict, rw_dir: str) -> bool:
-    """In the child: reads only under the prepared read dirs (fds 5..), everything but exec in rw_dir."""
-    import struct
+def _install_landlock(libc, prep: dict) -> bool:
+    """In the child: reads only under the prepared read dirs, everything but exec in its temp dir (fd _RW_FD)."""
     size, zero, path_beneath = prep["args"]
     fd = libc.syscall(_SYS["landlock_create_ruleset"], prep["attr"], size, zero)
     if fd < 0:
         return False
     try:
-        for rule in prep["read_rules"]:
-            libc.syscall(_SYS["landlock_add_rule"], fd, path_beneath, rule, zero)
-        pfd = os.open(rw_dir, os.O_PATH | os.O_CLOEXEC)
-        rule = ctypes.create_string_buffer(struct.pack("=Qi", prep["rw_access"], pfd), 12)
-        ok = libc.syscall(_SYS["landlock_add_rule"], fd, path_beneath, rule, zero) == 0
-        os.close(pfd)
+        ok = all([libc.syscall(_SYS["landlock_add_rule"], fd, path_beneath, rule, zero) == 0 for rule in prep["rules"]])
         return ok and libc.syscall(_SYS["landlock_restrict_self"], fd, zero) == 0
     finally:
         os.close(fd)
-        os.closerange(_FIRST_READ_FD, _FIRST_READ_FD + len(prep["read_fds"]))
 
 
 def _drop_capabilities(libc, prep: dict) -> bool:
@@ -476,27 +599,25 @@ def _unshare_network(ctypes, libc) -> bool:
     return True
 
 
-def _confine(cfg: dict, tmpdir: str, caps: dict) -> dict:
-    """In the child: rlimits, then capabilities, Landlock, seccomp as available. Returns what worked."""
-    import resource
-    mem = int(cfg["memory_mb"]) << 20
-    cpu = int(math.ceil(cfg["timeout"])) + 1
-    for res, lim in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, 0),
-                     (resource.RLIMIT_FSIZE, int(cfg["max_file_bytes"])), (resource.RLIMIT_NOFILE, 64),
-                     (resource.RLIMIT_CORE, 0)):
+def _confine(caps: dict) -> dict:
+    """In the child: rlimits, then capabilities, no_new_privs, Landlock, seccomp as available; closes the
+    directory fds (5..). Returns what worked."""
+    setrlimit = caps["setrlimit"]
+    for res, lim in caps["limits"]:
         try:
-            resource.setrlimit(res, (lim, lim + (1 if res == resource.RLIMIT_CPU else 0)))
+            setrlimit(res, lim)
         except (ValueError, OSError):
             pass
     done = {"netns": caps.get("netns", False)}
-    if sys.platform != "linux" or "prep" not in caps:
+    prep = caps.get("prep")
+    if prep is None:                                           # not Linux, or ctypes failed: rlimits only
         return done
-    ctypes, libc = caps["_libc"]
-    prep = caps["prep"]
+    libc = caps["_libc"][1]
     done["nocaps"] = _drop_capabilities(libc, prep)
     libc.prctl(38, 1, 0, 0, 0)                                 # PR_SET_NO_NEW_PRIVS
-    done["landlock"] = caps.get("landlock_abi", 0) > 0 and _install_landlock(ctypes, libc, prep, tmpdir)
-    done["seccomp"] = os.uname().machine == "x86_64" and _install_seccomp(ctypes, libc, os.getpid())
+    done["landlock"] = "attr" in prep and _install_landlock(libc, prep)
+    os.closerange(_RW_FD, _FIRST_READ_FD + len(prep["read_fds"]))
+    done["seccomp"] = "seccomp" in prep and _install_seccomp(libc, prep["seccomp"], os.getpid())
     return done
 
 
@@ -544,32 +665,33 @@ def _describe(value, cap: int) -> tuple[str, bool]:
     return text, literal
 
 
-def _child_main(job: dict, cfg: dict, result_fd: int) -> None:
-    import builtins
+def _stdout_wrapper():
+    """sys.stdout for the children (fd 1), built once in the worker (which never writes to it)."""
     import io
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
-                                                  errors="backslashreplace")
+    return io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+
+
+def _child_main(job: dict, cfg: dict, result_fd: int, stdout=None) -> None:
+    """Run f(<inputs>) once; write one JSON line {ok, output, literal, error} to result_fd; exit."""
+    import builtins
+    sys.stdout = sys.__stdout__ = stdout or _stdout_wrapper()
     sys.stderr = sys.__stderr__ = sys.stdout
     sys.stdin = sys.__stdin__ = None
     sys.setrecursionlimit(1000)
     cap = int(cfg["max_output_chars"])
     res: dict = {"ok": False, "output": None, "literal": False, "error": None}
+    # Shift the heap by a random amount, so object addresses (id(), default hashes, the order of sets of
+    # objects) differ between runs even when two runs are forked from the same worker state.
+    pad = [[None] * k for k, r in enumerate(os.urandom(64), 1) for _ in range(r & 7)]  # noqa: F841 - kept alive
     try:
         code = compile(job["program"], "<program>", "exec")
         call = compile(f"f({job['inputs']}\n)", "<inputs>", "eval")
-        seen = None
-        for _ in range(max(1, int(job.get("repeats", 1)))):
-            ns = {"__name__": "__main__", "__builtins__": builtins}
-            exec(code, ns)
-            if not callable(ns.get("f")):
-                raise NameError("no function f")
-            described = _describe(eval(call, ns), cap)
-            if seen is not None and described != seen:
-                res["error"] = "nondeterministic"
-                break
-            seen = described
-        else:
-            res.update(ok=True, output=seen[0], literal=seen[1])
+        ns = {"__name__": "__main__", "__builtins__": builtins}
+        exec(code, ns)
+        if not callable(ns.get("f")):
+            raise NameError("no function f")
+        output, literal = _describe(eval(call, ns), cap)
+        res.update(ok=True, output=output, literal=literal)
     except MemoryError:
         res["error"] = "memory"
     except _TooBig:
@@ -605,23 +727,31 @@ def _worker_main(cfg: dict) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    caps: dict = {"netns": False, "landlock_abi": 0}
+    disable = set(cfg.get("disable", ()))
+    import resource
+    caps: dict = {"netns": False, "landlock_abi": 0, "nodump": False, "limits": _limits(cfg),
+                  "setrlimit": resource.setrlimit}
     if sys.platform == "linux":
         try:
             ctypes, libc = _libc()
             caps["_libc"] = (ctypes, libc)
-            caps["netns"] = _unshare_network(ctypes, libc)
-            caps["landlock_abi"] = _landlock_abi(ctypes, libc)
-            caps["prep"] = _prepare_confinement(ctypes, libc, caps["landlock_abi"], cfg["read_dirs"])
+            caps["netns"] = "netns" not in disable and _unshare_network(ctypes, libc)
+            caps["landlock_abi"] = 0 if "landlock" in disable else _landlock_abi(ctypes, libc)
+            caps["prep"] = _prepare_confinement(ctypes, libc, caps["landlock_abi"], cfg["read_dirs"], cfg)
+            # Not dumpable (after the user-namespace setup, which writes /proc/self/*): the children inherit it,
+            # so without Landlock a child still cannot open /proc/<worker>/mem to rewrite its unconfined parent.
+            if "nodump" not in disable:
+                caps["nodump"] = libc.prctl(4, 0, 0, 0, 0) == 0 and libc.prctl(3, 0, 0, 0, 0) == 0   # PR_SET/GET_DUMPABLE
         except Exception:
             caps.pop("_libc", None)
-    for name in tuple(cfg.get("preimport", PREIMPORT)) + ("resource",):
+            caps.pop("prep", None)
+    for name in cfg.get("preimport", PREIMPORT):
         try:
             __import__(name)
         except Exception:
             pass
-    if "_libc" in caps:
-        _seccomp_for(os.getpid())          # build the filter template once
+    stdout = _stdout_wrapper()
+    timeout = float(cfg["timeout"])
     current = {"pid": 0}
     counter = 0
     pending: list[int] = []      # killed children not yet reaped
@@ -637,6 +767,7 @@ def _worker_main(cfg: dict) -> None:
             os.open(tmpdir, os.O_TMPFILE | os.O_RDWR, 0o600)
         r, w = os.pipe()           # child -> worker: the result, one JSON line
         jr, jw = os.pipe()         # worker -> child: the job
+        tfd = os.open(tmpdir, os.O_PATH | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # ---- child
             try:
@@ -648,12 +779,13 @@ def _worker_main(cfg: dict) -> None:
                 os.dup2(out_fd, 2)
                 os.dup2(w, 3)
                 os.dup2(jr, 4)
+                os.dup2(tfd, _RW_FD)
                 read_fds = caps["prep"]["read_fds"] if "prep" in caps else []
                 for i, fd in enumerate(read_fds):
                     os.dup2(fd, _FIRST_READ_FD + i)
                 os.closerange(_FIRST_READ_FD + len(read_fds), 1 << 16)
                 os.chdir(tmpdir)
-                done = _confine(cfg, tmpdir, caps)
+                done = _confine(caps)
                 data = b""
                 while chunk := os.read(4, 1 << 16):
                     data += chunk
@@ -668,12 +800,13 @@ def _worker_main(cfg: dict) -> None:
                         done["net_blocked"] = True
                     os.write(3, json.dumps(done).encode() + b"\n")
                     os._exit(0)
-                _child_main(job, cfg, 3)
+                _child_main(job, cfg, 3, stdout)
             finally:
                 os._exit(70)
         # ---- worker
         os.close(w)
         os.close(jr)
+        os.close(tfd)
         try:
             os.setpgid(pid, pid)
         except OSError:
@@ -682,15 +815,17 @@ def _worker_main(cfg: dict) -> None:
         pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
         return {"pid": pid, "r": r, "jw": jw, "out_fd": out_fd, "tmpdir": tmpdir, "pidfd": pidfd}
 
-    def run(job: dict, child: dict) -> dict:
+    def run(job: bytes, child: dict, probe: bool = False) -> dict:
+        """Hand the job (one JSON line from the parent, passed on unparsed) to the pre-forked child and
+        collect its result within the timeout."""
         pid, r, out_fd, tmpdir, pidfd = child["pid"], child["r"], child["out_fd"], child["tmpdir"], child["pidfd"]
         t0 = time.monotonic()
         try:
-            os.write(child["jw"], json.dumps(job).encode())   # the child reads it concurrently
+            os.write(child["jw"], job)             # the child reads it concurrently
         except OSError:
             pass
         os.close(child["jw"])
-        deadline = t0 + float(job["timeout"])
+        deadline = t0 + (10.0 if probe else timeout)
         buf, eof, timed_out, exited, polled = b"", False, False, False, 0
         while b"\n" not in buf:
             remaining = deadline - time.monotonic()
@@ -746,7 +881,7 @@ def _worker_main(cfg: dict) -> None:
             return {"ok": False, "error": "timeout", "stdout": stdout, "seconds": seconds}
         try:  # the child is untrusted: accept only the expected shape and sizes
             res = json.loads(buf.split(b"\n", 1)[0])
-            if job.get("probe"):           # start-up probe: the child reports what confinement worked
+            if probe:                      # start-up probe: the child reports what confinement worked
                 return {k: res.get(k) is True for k in ("netns", "nocaps", "landlock", "seccomp", "net_blocked")}
             out, err = res.get("output"), res.get("error")
             assert type(res["ok"]) is bool and type(res["literal"]) is bool
@@ -799,18 +934,19 @@ def _worker_main(cfg: dict) -> None:
             pass
         os._exit(0)
 
-    probe = run({"probe": True, "timeout": 10.0}, spawn())
+    probe = run(b'{"probe": true}\n', spawn(), probe=True)
     cleanup()
     gc.collect()
     gc.freeze()                            # children then do not touch (copy) the worker's heap on collection
     caps_report = {k: bool(probe.get(k)) for k in ("netns", "nocaps", "landlock", "seccomp", "net_blocked")}
+    caps_report["nodump"] = bool(caps.get("nodump"))
     caps_report["landlock_abi"] = caps.get("landlock_abi", 0)
     os.write(proto_out, (json.dumps({"ready": caps_report}) + "\n").encode())
     reader = os.fdopen(proto_in, "rb")
     child = spawn()
     for line in reader:
         try:
-            res = run(json.loads(line), child)
+            res = run(line, child)
         except Exception as e:  # noqa: BLE001 - a broken job must not kill the worker
             res = {"ok": False, "error": f"sandbox error: {type(e).__name__}: {e}"}
         try:
@@ -826,6 +962,7 @@ def _worker_main(cfg: dict) -> None:
 # the parent side
 
 _WARNED = False
+_ISOLATION_KEYS = ("netns", "nocaps", "landlock", "seccomp", "net_blocked", "nodump")
 
 
 class _Worker:
@@ -837,6 +974,7 @@ class _Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      cwd="/", start_new_session=True, close_fds=True)
         self.fd = self.proc.stdout.fileno()
+        self.index = index
         self.buf = b""
         self.ready = False
         self.caps: dict = {}
@@ -916,17 +1054,35 @@ def _shutdown(workers: list, base_dir: str, owner: int) -> None:
     shutil.rmtree(base_dir, ignore_errors=True)
 
 
+class _JobState:
+    """One job's runs within a run_many call (the parent compares them; the children are not trusted)."""
+    __slots__ = ("next_rep", "running", "done", "first", "seconds", "used")
+
+    def __init__(self) -> None:
+        self.next_rep = 0                   # runs dispatched so far
+        self.running = 0
+        self.done = 0                       # runs finished ok with the same (output, literal) as `first`
+        self.first: Result | None = None
+        self.seconds = 0.0
+        self.used: dict[int, int] = {}      # worker index -> runs of this job placed there
+
+
 class Sandbox:
     """A pool of fork-server workers; see the module docstring for what each run is confined by."""
 
     def __init__(self, timeout: float = 5.0, memory_mb: int = 1024, workers: int | None = None,
                  forbidden_modules=FORBIDDEN_MODULES, forbidden_calls=FORBIDDEN_CALLS, max_output_chars: int = 400,
                  max_stdout_chars: int = 4000, max_file_bytes: int = 1 << 20, screen: bool = True,
-                 preimport: tuple[str, ...] = PREIMPORT):
-        """timeout: wall-clock seconds per job (all repeats); memory_mb: address-space limit; workers: default
-        os.cpu_count(); max_output_chars: longer reprs give 'output too long'; max_stdout_chars: captured
-        stdout+stderr kept; max_file_bytes: RLIMIT_FSIZE (stdout and files); screen: run check_program and
-        check_inputs first (False: OS confinement only, for tests); preimport: modules each worker loads once."""
+                 preimport: tuple[str, ...] = PREIMPORT, _disable: tuple[str, ...] = ()):
+        """timeout: wall-clock seconds per run (each of the `repeats` runs has its own); memory_mb: address-space
+        limit; workers: default os.cpu_count(); max_output_chars: longer reprs give 'output too long';
+        max_stdout_chars: captured stdout+stderr kept; max_file_bytes: RLIMIT_FSIZE (stdout and files); screen: run
+        check_program and check_inputs first (False: OS confinement only, for tests); preimport: modules each
+        worker loads once; _disable: for tests only, OS features to leave off ('netns', 'landlock', 'seccomp',
+        'nodump').
+
+        Waits for the workers' start-up (about 0.1 s) and warns once (RuntimeWarning) if OS-level isolation is
+        degraded here."""
         import sysconfig
         import tempfile
         import threading
@@ -941,12 +1097,18 @@ class Sandbox:
         read_dirs = sorted({paths["stdlib"], paths["platstdlib"], os.path.dirname(os.__file__)})
         self.cfg = {"timeout": self.timeout, "memory_mb": self.memory_mb, "max_output_chars": max_output_chars,
                     "max_stdout_chars": max_stdout_chars, "max_file_bytes": max_file_bytes,
-                    "base_dir": self.base_dir, "read_dirs": read_dirs, "preimport": list(preimport)}
+                    "base_dir": self.base_dir, "read_dirs": read_dirs, "preimport": list(preimport),
+                    "disable": list(_disable)}
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self.base_dir, os.getpid())
         self._next_index = 0
-        for _ in range(self.num_workers):
-            self._workers.append(self._spawn())
+        try:
+            for _ in range(self.num_workers):
+                self._workers.append(self._spawn())
+            self._run_many([], 1, wait_ready=True)      # start-up: the degraded-isolation warning comes from here
+        except BaseException:
+            self.close()
+            raise
 
     def _spawn(self) -> _Worker:
         self._next_index += 1
@@ -966,61 +1128,94 @@ class Sandbox:
     def _on_ready(self, w: _Worker, caps: dict) -> None:
         global _WARNED
         w.ready, w.caps = True, caps
-        missing = [k for k in ("netns", "nocaps", "landlock", "seccomp", "net_blocked") if not caps.get(k)]
+        missing = [k for k in _ISOLATION_KEYS if not caps.get(k)]
         if missing and not _WARNED:
             import warnings
             _WARNED = True
+            notes = []
+            if "seccomp" in missing:
+                notes.append("without seccomp (x86_64 only) a program can fork and RLIMIT_NPROC does not stop root")
+            if "landlock" in missing:
+                notes.append("without Landlock a program that escapes the screen can read and write files as this user")
             warnings.warn(f"sandbox: OS-level isolation degraded, unavailable here: {', '.join(missing)} "
-                          "(rlimits, process isolation and timeouts still apply)", RuntimeWarning, stacklevel=3)
+                          f"(rlimits, process isolation and timeouts still apply{'; ' if notes else ''}"
+                          f"{'; '.join(notes)})", RuntimeWarning, stacklevel=4)
 
     def run(self, program: str, inputs: str, repeats: int = 1) -> Result:
-        """Run f(<inputs>) in a fresh confined process (repeats>1: all runs must give the same repr;
-        the timeout covers all repeats)."""
+        """Run f(<inputs>) in a fresh confined process; repeats=n: n separate processes (on different workers
+        where possible), ok only if all are ok with identical repr text and literal flag, else 'nondeterministic'
+        (or the error of a failed run). The timeout applies to each run."""
         return self.run_many([(program, inputs)], repeats=repeats)[0]
 
     def run_many(self, jobs: list[tuple[str, str]], repeats: int = 1) -> list[Result]:
-        """Run many (program, inputs) jobs in parallel over the workers; results in the order of jobs."""
+        """Run many (program, inputs) jobs, each `repeats` times as in run(), in parallel over the workers;
+        results in the order of jobs."""
         with self._lock:
             if not self._finalizer.alive:
                 raise RuntimeError("Sandbox is closed")
             return self._run_many(jobs, repeats)
 
+    def _screen_job(self, program, inputs) -> str | None:
+        if not isinstance(program, str) or not isinstance(inputs, str):
+            return "invalid job: program and inputs must be str"
+        if self.screen:
+            return check_program(program, self.forbidden_modules, self.forbidden_calls) or \
+                check_inputs(inputs, self.forbidden_calls, self.forbidden_modules)
+        try:
+            compile(program, "<program>", "exec")
+            compile(f"f({inputs}\n)", "<inputs>", "eval")
+        except SyntaxError as e:
+            return f"SyntaxError: {e.msg} (line {e.lineno})"
+        except (ValueError, MemoryError, RecursionError) as e:
+            return f"SyntaxError: {type(e).__name__}"
+        return None
+
+    def _pick(self, w: _Worker, queue: deque, active: dict[int, _JobState], repeats: int) -> int | None:
+        """The job whose next run worker w should take. A job's runs go to the workers it has used least (so
+        two repeats land on different workers when there are two); a run that completes a job already seen ok
+        once comes first, then a new job, then (only when nothing else is waiting) a speculative repeat of a
+        job still on its first run."""
+        def fits(st: _JobState) -> bool:
+            return st.next_rep < repeats and \
+                st.used.get(w.index, 0) <= min(st.used.get(x.index, 0) for x in self._workers)
+        for i, st in active.items():
+            if st.done and fits(st):
+                return i
+        if queue:
+            i = queue.popleft()
+            active[i] = _JobState()
+            return i
+        for i, st in active.items():
+            if fits(st):
+                return i
+        return None
+
     def _run_many(self, jobs: list[tuple[str, str]], repeats: int, wait_ready: bool = False) -> list[Result]:
+        repeats = max(1, int(repeats))
         results: list[Result | None] = [None] * len(jobs)
-        pending: list[int] = []
+        queue: deque = deque()
         for i, (program, inputs) in enumerate(jobs):
-            reason = None
-            if not isinstance(program, str) or not isinstance(inputs, str):
-                reason = "invalid job: program and inputs must be str"
-            elif self.screen:
-                reason = check_program(program, self.forbidden_modules, self.forbidden_calls) or \
-                    check_inputs(inputs, self.forbidden_calls)
-            else:
-                try:
-                    compile(program, "<program>", "exec")
-                    compile(f"f({inputs}\n)", "<inputs>", "eval")
-                except SyntaxError as e:
-                    reason = f"SyntaxError: {e.msg} (line {e.lineno})"
-                except (ValueError, MemoryError, RecursionError) as e:
-                    reason = f"SyntaxError: {type(e).__name__}"
-            if reason:
+            if (reason := self._screen_job(program, inputs)):
                 results[i] = Result(ok=False, error=reason)
             else:
-                pending.append(i)
-        pending.reverse()
+                queue.append(i)
+        active: dict[int, _JobState] = {}          # started, undecided jobs
         grace = 1.0
-        while pending or any(w.job is not None for w in self._workers) or \
+        while queue or active or any(w.job is not None for w in self._workers) or \
                 (wait_ready and not all(w.ready for w in self._workers)):
             now = time.monotonic()
             for w in list(self._workers):
-                if w.ready and w.job is None and pending:
-                    i = pending.pop()
-                    program, inputs = jobs[i]
-                    if w.send({"program": program, "inputs": inputs, "repeats": repeats, "timeout": self.timeout}):
-                        w.job, w.deadline = i, now + self.timeout + grace
-                    else:
-                        pending.append(i)
-                        self._replace(w)
+                if not w.ready or w.job is not None or (i := self._pick(w, queue, active, repeats)) is None:
+                    continue
+                st = active[i]
+                program, inputs = jobs[i]
+                if w.send({"program": program, "inputs": inputs}):
+                    st.next_rep += 1
+                    st.running += 1
+                    st.used[w.index] = st.used.get(w.index, 0) + 1
+                    w.job, w.deadline = i, now + self.timeout + grace
+                else:
+                    self._replace(w)
             busy = [w for w in self._workers if w.job is not None or not w.ready]
             if not busy:
                 continue
@@ -1033,21 +1228,47 @@ class Sandbox:
                         if not w.ready:
                             self._on_ready(w, msg.get("ready", {}))
                         elif w.job is not None:
-                            output = msg.get("output")
-                            results[w.job] = Result(ok=bool(msg.get("ok")), output=output,
-                                                    error=msg.get("error"), literal=_is_literal_text(output)
-                                                    and bool(msg.get("literal")),
-                                                    stdout=msg.get("stdout", ""), seconds=msg.get("seconds", 0.0))
-                            w.job = None
+                            self._complete(w, msg, results, active, repeats)
                     if not alive:
-                        self._fail(w, results, "sandbox worker died")
+                        self._fail(w, results, active, repeats, "sandbox worker died")
                 elif time.monotonic() >= w.deadline:
-                    self._fail(w, results, "timeout" if w.ready else "sandbox worker failed to start")
+                    self._fail(w, results, active, repeats, "timeout" if w.ready else "sandbox worker failed to start")
         return results  # type: ignore[return-value]
 
-    def _fail(self, w: _Worker, results: list, error: str) -> None:
+    @staticmethod
+    def _complete(w: _Worker, msg: dict, results: list, active: dict[int, _JobState], repeats: int) -> None:
+        """One run of job w.job finished: decide the job once a run failed, two runs differ, or all agree."""
+        i, w.job = w.job, None
+        st = active.get(i)
+        if st is None:                             # the job was already decided (a run failed or differed)
+            return
+        st.running -= 1
+        ok, output, error = msg.get("ok") is True, msg.get("output"), msg.get("error")
+        stdout, seconds = msg.get("stdout", ""), msg.get("seconds", 0.0)
+        stdout = stdout if type(stdout) is str else ""
+        st.seconds = max(st.seconds, float(seconds) if type(seconds) in (int, float) else 0.0)
+        if ok and type(output) is not str:
+            ok, error = False, "sandbox error: bad reply"
+        if not ok:
+            error = error if type(error) is str and error else "sandbox error: no reason given"
+            results[i] = Result(ok=False, error=error, stdout=stdout, seconds=st.seconds)
+        else:
+            run = Result(ok=True, output=output, literal=_is_literal_text(output) and msg.get("literal") is True,
+                         stdout=stdout, seconds=st.seconds)
+            if st.first is None:
+                st.first = run
+            elif (run.output, run.literal) != (st.first.output, st.first.literal):
+                results[i] = Result(ok=False, error="nondeterministic", stdout=st.first.stdout, seconds=st.seconds)
+            st.done += 1
+            if results[i] is None and st.done == repeats:
+                results[i] = Result(ok=True, output=st.first.output, literal=st.first.literal,
+                                    stdout=st.first.stdout, seconds=st.seconds)
+        if results[i] is not None:
+            del active[i]
+
+    def _fail(self, w: _Worker, results: list, active: dict[int, _JobState], repeats: int, error: str) -> None:
         if w.job is not None:
-            results[w.job] = Result(ok=False, error=error)
+            self._complete(w, {"ok": False, "error": error}, results, active, repeats)
         elif not w.ready and error != "timeout":
             self._replace(w)
             raise RuntimeError(f"{error}; see {w.log.name}")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Several GPUs on one machine with `accelerate launch` (DDP): each GPU a full copy of the 4-bit model + LoRA.
-# NOT RUN HERE (no GPU). STATUS: azr.py does not yet split work across processes: launched like this, every
-# process runs its own independent copy of the loop into the same run directory (checked on CPU with
-# `torchrun --nproc_per_node 2`, which is what `accelerate launch --multi_gpu` uses; `accelerate launch --cpu
-# --num_processes 2` starts only ONE process in accelerate 1.15, multi-CPU there needs mpirun). The README lists
-# the changes DDP needs (rank-sharded rollouts, gathered tasks and rewards, DDP-wrapped update, rank-0 I/O).
+# Each process generates and scores its share of the rollouts, the tasks and rewards are gathered so every
+# process keeps the same buffers, and the gradients are all-reduced before each optimizer step; only rank 0
+# writes logs, plots and checkpoints. Tasks per iteration are the global count (split across processes).
+# NOT RUN HERE ON GPUs (none on this machine). The same code path is tested on CPU (gloo) by
+# tests/test_distributed.py with `accelerate launch --multi_gpu --num_processes 2 --num_machines 1
+# --mixed_precision no --dynamo_backend no` on a tiny model (`accelerate launch --cpu --num_processes 2` starts
+# only ONE process in accelerate 1.15; multi-CPU there needs mpirun).
 #
 #   NUM_GPUS=4 bash examples/multi_gpu.sh        # extra flags pass through to azr.py
 set -euo pipefail

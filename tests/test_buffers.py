@@ -36,6 +36,9 @@ def test_dedup_normalised_program_and_input():
     assert buf.add([other_input]) == 1
     assert len(buf) == 2 and a in buf and same in buf
     assert normalize_program("def f(:") == "def f(:"   # unparseable: raw text, no raise
+    pair = Task("deduction", "def f(x, y):\n    return x", "1,[2,3]", "1")
+    assert buf.add([pair, Task("deduction", pair.program, " 1 , [2, 3] ", "1")]) == 1   # input layout ignored
+    assert buf.add([Task("deduction", pair.program, "1, [3, 2]", "1")]) == 1          # a different input
 
 
 def test_induction_key_uses_all_inputs():

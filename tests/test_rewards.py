@@ -1,75 +1,43 @@
-"""Rewards, proposal validation (hard/soft checks, force-accept) and answer checking.
+"""Rewards, proposal validation (hard/soft checks, force-accept) and answer checking, on the real sandbox.
 
-Most tests use FakeSandbox (in-process exec, counts batches) for speed and exactness; the `real` tests run the
-same cases through sandbox.Sandbox."""
-import ast
+`sb` wraps one real sandbox.Sandbox and records each run_many batch, so tests also check that validation
+and checking cost one batch each."""
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-import rewards
 from buffers import Task, seed_task
 from prompts import Answer, Proposal, parse_answer, parse_proposal
-from rewards import (INVALID_PROPOSAL_REWARD, RULES, TaskRules, ValidationResult, check_answers,
-                     combined_proposer_reward, complexity_reward, diversity_reward, literal_args, normalize_input,
-                     proposer_reward, register_rules, similarity, solver_reward, validate_proposals)
+from rewards import (INVALID_PROPOSAL_REWARD, RULES, TaskRules, check_answers, combined_proposer_reward,
+                     complexity_reward, diversity_reward, literal_args, normalize_input, proposer_reward,
+                     register_rules, similarity, solver_reward, validate_proposals)
+from sandbox import Sandbox
 
 CRUX = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
-LITERAL_TYPES = (int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset)
 
 
-def _plain(v) -> bool:
-    if type(v) in (list, tuple, set, frozenset):
-        return all(_plain(x) for x in v)
-    if type(v) is dict:
-        return all(_plain(k) and _plain(x) for k, x in v.items())
-    return type(v) in LITERAL_TYPES
+class CountingSandbox:
+    """The real sandbox, recording (len(jobs), repeats) of every run_many batch."""
 
-
-@dataclass
-class FakeResult:
-    ok: bool
-    output: str | None
-    error: str | None
-    literal: bool = True
-
-
-class FakeSandbox:
-    """In-process stand-in: exec the program, repr f(<inputs>); nondeterminism across repeats is an error."""
-    forbidden_modules = ("os", "sys", "subprocess")
-
-    def __init__(self, literal_flag: bool = True):
-        self.batches: list[tuple[int, int]] = []   # (len(jobs), repeats) per run_many call
-        self.literal_flag = literal_flag
-
-    def run(self, program, inputs, repeats=1):
-        outs = []
-        for _ in range(repeats):
-            try:
-                g: dict = {}
-                exec(program, g)
-                v = eval(f"f({inputs})", g)
-                outs.append((repr(v), _plain(v)))
-            except Exception as e:
-                return FakeResult(False, None, f"{type(e).__name__}: {e}")
-        if len({o for o, _ in outs}) > 1:
-            return FakeResult(False, None, "nondeterministic")
-        if self.literal_flag:
-            return FakeResult(True, outs[0][0], None, outs[0][1])
-        return _NoFlag(True, outs[0][0], None)
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox, self.forbidden_modules = sandbox, sandbox.forbidden_modules
+        self.batches: list[tuple[int, int]] = []
 
     def run_many(self, jobs, repeats=1):
         self.batches.append((len(jobs), repeats))
-        return [self.run(p, i, repeats) for p, i in jobs]
+        return self.sandbox.run_many(jobs, repeats=repeats)
 
 
-@dataclass
-class _NoFlag:
-    ok: bool
-    output: str | None
-    error: str | None
+@pytest.fixture(scope="module")
+def real_sb():
+    with Sandbox(timeout=5.0, workers=2) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def sb(real_sb) -> CountingSandbox:
+    return CountingSandbox(real_sb)
 
 
 def wrap(body: str) -> str:
@@ -85,8 +53,7 @@ def ind_text(inputs, message="hint") -> str:
 
 
 DOUBLE = "def f(x):\n    return x * 2"
-RANDOM = "def f(x):\n    import random\n    return random.random()"
-COUNTER = "_n = [0]\ndef f(x):\n    return x"     # deterministic per fresh process
+ADDRESS = "def f(x):\n    return id(object()) % 1000003"   # differs between processes: not deterministic
 
 
 # ----------------------------------------------------------------------------- reward values
@@ -147,8 +114,7 @@ def test_literal_args_and_normalize_input():
 
 # ----------------------------------------------------------------------------- validation
 
-def test_validate_deduction_abduction_one_batch_repeats_2():
-    sb = FakeSandbox()
+def test_validate_deduction_abduction_one_batch_repeats_2(sb):
     props = [parse_proposal("deduction", io_text(DOUBLE, "21")),
              parse_proposal("deduction", io_text("def f(s):\n    return s[::-1]", "'abc'"))]
     out = validate_proposals(sb, "deduction", props, iteration=4)
@@ -160,13 +126,12 @@ def test_validate_deduction_abduction_one_batch_repeats_2():
     assert out[0].task.task_type == "abduction"
 
 
-def test_validate_hard_failures():
-    sb = FakeSandbox()
+def test_validate_hard_failures(sb):
     props = [
         parse_proposal("deduction", "nothing here"),                                   # parse failure
         parse_proposal("deduction", io_text("import os\ndef f(x):\n    return x", "1")),  # static screen
         parse_proposal("deduction", io_text("def f(x):\n    return 1 / 0", "1")),     # raises
-        parse_proposal("deduction", io_text(RANDOM, "1")),                             # nondeterministic
+        parse_proposal("deduction", io_text(ADDRESS, "1")),                            # nondeterministic
         parse_proposal("deduction", io_text("def f(x:\n", "1")),                       # syntax error
         parse_proposal("deduction", wrap("```python\ndef f(x):\n    return x\n```")),  # no input
         Proposal(program="", input="1"),                                               # no program
@@ -174,11 +139,10 @@ def test_validate_hard_failures():
     for force in (False, True):
         out = validate_proposals(sb, "deduction", props, 0, force_accept=force)
         assert all(not v.valid and v.hard and v.reason for v in out), out
-    assert "nondeterministic" in out[3].reason or "determin" in out[3].reason
+    assert "nondeterministic" in out[3].reason and "forbidden import: os" in out[1].reason
 
 
-def test_validate_soft_failures_and_force_accept():
-    sb = FakeSandbox()
+def test_validate_soft_failures_and_force_accept(sb):
     existing = [Task("deduction", DOUBLE, "5", "10")]
     props = [
         parse_proposal("deduction", f"```python\n{DOUBLE}\n```\n```input\n1\n```"),   # no tags
@@ -203,8 +167,7 @@ def test_validate_soft_failures_and_force_accept():
     assert sum(v.force_accepted for v in forced) == 6      # the count the loop logs
 
 
-def test_validate_induction_rule():
-    sb = FakeSandbox()
+def test_validate_induction_rule(sb):
     prog = "def f(x):\n    return 10 // x"
     inputs = ["1", "2", "2", " 2", "0", "5", "10", "x", "-1", "3", "4"]   # dups, a crash, a NameError
     p = parse_proposal("induction", ind_text(inputs), program=prog)
@@ -224,10 +187,13 @@ def test_validate_induction_rule():
         assert not v.valid and v.hard and "need 6" in v.reason
     nop = parse_proposal("induction", ind_text(["1", "2"]))       # program not passed through
     assert validate_proposals(sb, "induction", [nop], 0)[0].reason == "no program"
+    # at most num_shown shown + num_shown held out: extra usable inputs are dropped
+    many = parse_proposal("induction", ind_text([str(i) for i in range(1, 15)]), program=prog)
+    (v,) = validate_proposals(sb, "induction", [many], 0, num_shown=5)
+    assert v.valid and v.task.inputs == [str(i) for i in range(1, 11)]
 
 
-def test_validate_induction_soft():
-    sb = FakeSandbox()
+def test_validate_induction_soft(sb):
     const = parse_proposal("induction", ind_text([str(i) for i in range(10)]), program="def f(x):\n    return 0")
     nomsg = parse_proposal("induction", ind_text([str(i) for i in range(10)], message=None), program=DOUBLE)
     out = validate_proposals(sb, "induction", [const, nomsg], 0)
@@ -240,8 +206,7 @@ def test_validate_induction_soft():
     assert validate_proposals(sb, "induction", [dup], 0, existing=[seeded])[0].reason == "duplicate"
 
 
-def test_validate_empty_batch():
-    sb = FakeSandbox()
+def test_validate_empty_batch(sb):
     assert validate_proposals(sb, "deduction", [], 0) == [] and sb.batches == []
 
 
@@ -257,32 +222,31 @@ def ans(text: str, well: bool = True) -> Answer:
     return Answer(text, well)
 
 
-def test_check_deduction_compares_literals_without_running():
-    sb = FakeSandbox()
+def test_check_deduction_compares_literals_without_running(sb):
     got = check_answers(sb, [DED] * 6, [ans("[1, 1]"), ans("[1,1]"), ans(" [1 , 1] "), ans("[1]"),
                                         ans("f([1])"), ans("")])
     assert got == [True, True, True, False, False, False]
     assert sb.batches == []                        # nothing executed
 
 
-def test_check_abduction_runs_program_on_predicted_input():
-    sb = FakeSandbox()
+def test_check_abduction_runs_program_on_predicted_input(sb):
     got = check_answers(sb, [ABD] * 6, [ans("1, 2"), ans("3, 0"), ans("0, 0"), ans("'a'"), ans("1"),
                                         ans("b=2, a=1")])
     assert got == [True, True, False, False, False, True]
-    assert sb.batches == [(6, 1)]
+    assert sb.batches == [(6, 2)]
 
 
-def test_check_abduction_reward_hack_resistance():
+def test_check_abduction_runs_only_literal_inputs(sb):
+    """An abduction answer is solver-written text that would run as code; only literal argument lists run, so
+    an input cannot forge the gold output (shown in the prompt) through a custom __repr__ or an escape."""
     ident = Task("abduction", "def f(a):\n    return a", "'hi'", "'hi'")
     fake_repr = "type('X', (), {'__repr__': lambda s: \"'hi'\"})()"
-    assert check_answers(FakeSandbox(), [ident], [ans(fake_repr)]) == [False]           # literal flag False
-    assert check_answers(FakeSandbox(literal_flag=False), [ident], [ans(fake_repr)]) == [False]  # no flag: literal args
-    assert check_answers(FakeSandbox(literal_flag=False), [ident], [ans("'hi'")]) == [True]
+    computed = "'h' + 'i'"                              # right value, but an expression: not run, not correct
+    assert check_answers(sb, [ident] * 3, [ans(fake_repr), ans(computed), ans("'hi'")]) == [False, False, True]
+    assert sb.batches == [(1, 2)]                       # only the literal answer ran
 
 
-def test_check_induction_all_held_out_must_match():
-    sb = FakeSandbox()
+def test_check_induction_all_held_out_must_match(sb):
     right = ans("def f(x):\n    return 3 * x")
     shown_only = ans("def f(x):\n    return {0: 0, 1: 3, 2: 6, 3: 9, 4: 12}[x]")     # memorised shown pairs
     almost = ans("def f(x):\n    return 3 * x if x < 7 else 0")                     # one held-out wrong
@@ -290,25 +254,23 @@ def test_check_induction_all_held_out_must_match():
     banned = ans("import os\ndef f(x):\n    return 3 * x")
     got = check_answers(sb, [IND] * 6, [right, shown_only, almost, crashes, banned, ans("")], num_shown=5)
     assert got == [True, False, False, False, False, False]
-    assert sb.batches == [(12, 1)]                 # 3 held-out inputs x 4 screened programs, one batch
+    assert sb.batches == [(12, 2)]                 # 3 held-out inputs x 4 screened programs, one batch
 
 
-def test_check_induction_rejects_fake_literal_objects():
+def test_check_induction_rejects_fake_literal_objects(sb):
     hack = ans("class S(int):\n    def __repr__(self):\n        return '0'\ndef f(x):\n    return S(0)")
     t = Task("induction", "def f(x):\n    return 0", inputs=["1", "2", "3"], outputs=["0", "0", "0"])
-    assert check_answers(FakeSandbox(), [t], [hack], num_shown=1) == [False]
+    assert check_answers(sb, [t], [hack], num_shown=1) == [False]
 
 
-def test_check_mixed_batch_is_one_run_many():
-    sb = FakeSandbox()
+def test_check_mixed_batch_is_one_run_many(sb):
     got = check_answers(sb, [DED, ABD, IND], [ans("[1, 1]"), ans("2, 1"), ans("def f(x):\n    return x*3")])
-    assert got == [True, True, True] and sb.batches == [(4, 1)]
+    assert got == [True, True, True] and sb.batches == [(4, 2)]
     with pytest.raises(ValueError):
         check_answers(sb, [DED], [])
 
 
-def test_end_to_end_parse_validate_check_reward():
-    sb = FakeSandbox()
+def test_end_to_end_parse_validate_check_reward(sb):
     (v,) = validate_proposals(sb, "abduction", [parse_proposal("abduction", io_text(DOUBLE, "'ab'"))], 1)
     texts = [wrap("```input\n'ab'\n```"), wrap("```input\n'x'\n```"), "```input\n'ab'\n```", "no idea"]
     answers = [parse_answer("abduction", t) for t in texts]
@@ -322,7 +284,7 @@ def test_end_to_end_parse_validate_check_reward():
     assert proposer_reward(sum(c and a.well_formatted for c, a in zip(correct, answers)) / 4) == 0.75
 
 
-def test_register_fourth_task_type_rules():
+def test_register_fourth_task_type_rules(sb):
     # "roundtrip": the solver must give an input whose output equals the input itself
     rules = TaskRules(
         proposal_jobs=lambda p: [(p.program, p.input)],
@@ -334,7 +296,6 @@ def test_register_fourth_task_type_rules():
     )
     try:
         register_rules("roundtrip", rules)
-        sb = FakeSandbox()
         (v,) = validate_proposals(sb, "roundtrip", [parse_proposal("deduction", io_text("def f(x):\n    return abs(x)",
                                                                                         "-3"))], 0)
         assert v.valid and v.task.output == "3"
@@ -343,47 +304,11 @@ def test_register_fourth_task_type_rules():
         RULES.pop("roundtrip", None)
 
 
-@pytest.mark.skipif(not CRUX.exists(), reason="CRUXEval data absent")
-def test_cruxeval_triplets_validate_and_check():
-    rows = [json.loads(line) for line in CRUX.read_text().splitlines()[:40]]
-    sb = FakeSandbox()
-    props = [parse_proposal("deduction", io_text(r["code"], r["input"])) for r in rows]
-    out = validate_proposals(sb, "deduction", props, 0, force_accept=True)
-    valid = [(v, r) for v, r in zip(out, rows) if v.valid]
-    assert len(valid) >= 35
-    agree = [v.task.output == r["output"] or ast.literal_eval(v.task.output) == ast.literal_eval(r["output"])
-             for v, r in valid]
-    assert sum(agree) >= len(valid) - 2
-    tasks = [v.task for v, _ in valid]
-    assert all(check_answers(sb, tasks, [ans(r["output"]) for _, r in valid])[i] == agree[i] for i in range(len(agree)))
-    abd = [Task("abduction", t.program, t.input, t.output) for t in tasks]
-    assert all(check_answers(sb, abd, [ans(t.input) for t in tasks]))
-
-
 # ----------------------------------------------------------------------------- the real sandbox
-
-def _real_sandbox():
-    try:
-        import sandbox
-        if not hasattr(sandbox.Sandbox, "run_many"):
-            raise ImportError
-        return sandbox.Sandbox(timeout=5.0, workers=2)
-    except Exception as e:  # pragma: no cover - only before sandbox.py exists
-        pytest.skip(f"real sandbox unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def real_sb():
-    sb = _real_sandbox()
-    yield sb
-    close = getattr(sb, "close", None)
-    if close:
-        close()
-
 
 def test_real_sandbox_validation_and_checks(real_sb):
     props = [parse_proposal("deduction", io_text(DOUBLE, "21")),
-             parse_proposal("deduction", io_text(RANDOM, "1")),
+             parse_proposal("deduction", io_text(ADDRESS, "1")),
              parse_proposal("deduction", io_text("def f(x):\n    return 1 / 0", "1")),
              parse_proposal("deduction", io_text("import os\ndef f(x):\n    return x", "1"))]
     out = validate_proposals(real_sb, "deduction", props, 2)
@@ -405,16 +330,14 @@ def test_real_sandbox_reward_hacks_rejected(real_sb):
     assert check_answers(real_sb, [ident], [ans(fake_repr)]) == [False]
     t = Task("induction", "def f(x):\n    return 0", inputs=["1", "2", "3"], outputs=["0", "0", "0"])
     hack = ans("class S(int):\n    def __repr__(self):\n        return '0'\ndef f(x):\n    return S(5)")
-    if rewards._literal_flag(real_sb.run("def f(x):\n    return x", "1")) is None:
-        pytest.xfail("sandbox Result has no literal flag: custom-__repr__ outputs cannot be told from literals")
     assert check_answers(real_sb, [t], [hack], num_shown=1) == [False]
 
 
-def test_validate_existing_may_be_a_task_buffer():
+def test_validate_existing_may_be_a_task_buffer(sb):
     from buffers import Buffers
     b = Buffers()
     p = parse_proposal("deduction", io_text("def f(a):\n    return a", "'Hello world'"))
-    (v,) = validate_proposals(FakeSandbox(), "deduction", [p], 0, existing=b["deduction"])
+    (v,) = validate_proposals(sb, "deduction", [p], 0, existing=b["deduction"])
     assert not v.valid and v.reason == "duplicate"
 
 

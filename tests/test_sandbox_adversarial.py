@@ -1,8 +1,9 @@
 """Hostile programs: containment (files, network, processes, signals, time, memory) and reward hacks.
 
-Most programs reach `os` & co. through the builtins object or introspection, so they get past the static
-screen (which is not the safety boundary); the OS-level confinement must hold anyway. Each test asserts on
-the real system (the filesystem, a listening socket, /proc), not only on the Result.
+The static screen rejects `import os` and the known routes around it (the builtins object, introspection),
+but it is not the safety boundary, so most tests run with the screen off (`raw`) and check that the OS-level
+confinement holds on its own. Each test asserts on the real system (the filesystem, a listening socket,
+/proc), not only on the Result.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from sandbox import Sandbox, output_matches, same_output  # noqa: E402
 
 TIMEOUT = 1.0
 LIMIT = TIMEOUT + 1.0 + 0.5          # contract: a Result within timeout + 1 s (+ scheduling slack)
-# Reach os without `import` (passes the screen): through the builtins object, or through introspection.
+# Reach os without `import`: through the builtins object, or through introspection (the screen rejects both).
 OS = "__builtins__.__dict__['__imp' + 'ort__']('o' + 's')"
 INTROSPECT_OS = ("[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close'][0]"
                  ".__init__.__globals__")
-IMP = "__builtins__.__dict__['__imp' + 'ort__']"
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +70,16 @@ def _fn(body: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["os", "introspect"])
-def test_cannot_create_files_outside_tmp(sb, tmp_path, how):
+def test_cannot_create_files_outside_tmp(sb, raw, how):
     target = Path("/tmp") / f"azr_pwn_{uuid.uuid4().hex}"
     mod = OS if how == "os" else INTROSPECT_OS
     call = "os.open" if how == "os" else "os['open']"
     flags = "os.O_CREAT | os.O_WRONLY" if how == "os" else "os['O_CREAT'] | os['O_WRONLY']"
     prog = _fn(f"os = {mod}\nfd = {call}({str(target)!r}, {flags})\nreturn 'created'")
-    r = run_timed(sb, prog)
+    assert run_timed(sb, prog).error.startswith("forbidden attribute: ")     # the screen stops both routes ...
+    r = run_timed(raw, prog)                                                  # ... and so does the OS layer
     assert not target.exists()
     assert r.output != "'created'" and "PermissionError" in (r.error or ""), r
-    still_works(sb)
 
 
 def test_cannot_write_project_or_home(raw, tmp_path):
@@ -170,7 +170,7 @@ return [before, os.getcwd()]""")
 
 def test_deleting_cwd_and_huge_files(raw):
     r = run_timed(raw, _fn("import shutil, os\nshutil.rmtree(os.getcwd(), ignore_errors=True)\nreturn 1"))
-    assert r.ok or r.error
+    assert r.ok and r.output == "1", r             # its own dir's contents only; nothing else is touched
     r = run_timed(raw, _fn("open('big', 'wb').write(b'x' * (50 << 20))\nreturn 1"))
     assert not r.ok and ("File too large" in r.error or r.error == "memory"), r
     still_works(raw)
@@ -380,7 +380,7 @@ def test_memory_bombs(raw, body):
 
 def test_printing_gigabytes(raw):
     r = run_timed(raw, _fn("import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)"))
-    assert not r.ok and r.error in ("timeout",) or "File too large" in r.error, r
+    assert not r.ok and (r.error == "timeout" or "File too large" in r.error), r
     assert len(r.stdout) <= 4000
     still_works(raw)
 
@@ -402,7 +402,7 @@ def test_huge_and_strange_returns(sb):
 
 
 def test_eq_always_true_gains_nothing(sb):
-    prog = _fn("class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\nreturn Any()")
+    prog = _fn("class Any:\n    def __eq__(self, other):\n        return True\nreturn Any()")
     r = run_timed(sb, prog)
     assert r.ok and not r.literal
     for gold in ("[1, 2, 3]", "'hello'", "42"):
@@ -427,7 +427,7 @@ def test_repr_forging_the_gold_text_is_flagged(sb):
 def test_nondeterminism_cannot_pass_repeats(sb):
     prog = _fn("class C:\n    pass\nreturn repr(C())")          # contains an address per run
     r = run_timed(sb, prog, repeats=2)
-    assert r.error == "nondeterministic" or r.ok           # same address twice is possible; never a crash
+    assert r.error == "nondeterministic", r                # separate processes: the addresses differ
     prog = _fn("import random\nreturn random.random()")
     assert run_timed(sb, prog, repeats=2).error == "forbidden import: random"
 
