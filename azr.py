@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import model as models
 from buffers import TASK_TYPES, Buffers, Task
-from prompts import PROPOSE_PROMPTS, chat, parse_answer, parse_proposal, propose_prompt, solve_prompt
+from prompts import PROPOSE_PROMPTS, ROLE_PREFIX, chat, parse_answer, parse_proposal, propose_prompt, solve_prompt
 from rewards import (INVALID_PROPOSAL_REWARD, check_answers, complexity_reward, diversity_reward,
                      proposer_reward, solver_reward, validate_proposals)
 from sandbox import FORBIDDEN_MODULES, Sandbox
@@ -309,7 +309,7 @@ def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens
              timer: "Timer") -> list[Rollout]:
     """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with the chat template.
     With several processes each generates its share and every process receives all of them."""
-    prompts = [chat(tokenizer, text) for _, _, text in jobs]
+    prompts = [chat(tokenizer, text, ROLE_PREFIX[role]) for _, role, text in jobs]
     generated = DIST.gather(generate(policy, tokenizer, DIST.shard(prompts), max_new_tokens, cfg, desc, timer))
     timer.tokens += sum(len(response_ids) for _, response_ids, _ in generated)
     return [Rollout(t, role, p, pids, rids, text) for (t, role, _), p, (pids, rids, text) in zip(jobs, prompts, generated)]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import model as models
 from buffers import Task
-from prompts import chat, parse_answer, solve_prompt
+from prompts import SOLVER_PREFIX, chat, parse_answer, solve_prompt
 from rewards import check_answers
 from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches, same_output
 
@@ -214,7 +214,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     model.eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    encoded = [tokenizer(chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [tokenizer(chat(tokenizer, p, SOLVER_PREFIX), add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)

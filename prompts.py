@@ -47,8 +47,10 @@ class Answer:
 
 # ----------------------------------------------------------------------------- templates
 
-# The six templates end with a literal answer skeleton; FORMAT is the same request in one line, for new templates
-# (examples/custom_task_type.py) and evaluate.py.
+# The solver templates end with a literal answer skeleton. The proposer templates show the blocks with a stub
+# program and ask for the tags in one line (FORMAT, also used by examples/custom_task_type.py):
+# with a complete example program in a skeleton, the 0.5B default model mostly explained that example instead
+# (probe on 8 samples per template: 2/24 valid proposals against 7/24 with these).
 FORMAT = ("Think first, then answer, exactly as: <think> your reasoning </think> "
           "<answer> your fenced blocks </answer>")
 
@@ -65,20 +67,15 @@ Reference tasks (do not copy them):
 {references}
 {rules}
 Make it require several steps of state tracking to solve; be creative.
-Reply in exactly this form (the program below only shows the form: write a different one):
-<think>
-A short plan of the program.
-</think>
-<answer>
+Give the program in a ```python block and the input in an ```input block, e.g.
 ```python
-def f(word, shift):
-    letters = [chr((ord(c) - 97 + shift) % 26 + 97) for c in word]
-    return ''.join(sorted(letters))
+def f(name, info):
+    return ...
 ```
 ```input
-'azure', 3
+'John', {{'age': 20}}
 ```
-</answer>"""
+{fmt}"""
 
 _GOALS = {
     "deduction": "deducing the output from the program and input is hard",
@@ -92,22 +89,14 @@ input/output pairs alone, and a short message that hints at what the program doe
 {program}
 ```
 Each input is the argument list of one call f(<input>): commas between arguments, quotes around strings.
-Reply in exactly this form: {n} ```input blocks, each with one input, then one ```message block:
-<think>
-A short plan of which inputs reveal the program.
-</think>
-<answer>
+Give each input in its own ```input block and the message in one ```message block, e.g.
 ```input
-first input
+'abc', 2
 ```
-```input
-second input
-```
-(and so on: {n} input blocks in all)
 ```message
-One sentence hinting at what the program does.
+Combines a string and a count.
 ```
-</answer>"""
+{fmt}"""
 
 _SOLVE_DEDUCTION = """## Task: Deduce the output of a Python program for an input
 ```python
@@ -177,7 +166,7 @@ def propose_io_prompt(task_type: str, references: list[Task], forbidden_modules:
                       program: Task | None = None, num_inputs: int = 10) -> str:
     refs = "\n".join(f"### Reference {i + 1}\n{render_reference(t)}" for i, t in enumerate(references)) or "(none)"
     rules = _CODE_RULES.format(banned=", ".join(forbidden_modules) or "(none)")
-    return _PROPOSE_IO.format(goal=_GOALS[task_type], references=refs, rules=rules)
+    return _PROPOSE_IO.format(goal=_GOALS[task_type], references=refs, rules=rules, fmt=FORMAT)
 
 
 def propose_induction_prompt(task_type: str, references: list[Task], forbidden_modules: Sequence[str],
@@ -186,7 +175,7 @@ def propose_induction_prompt(task_type: str, references: list[Task], forbidden_m
         if not references:
             raise ValueError("induction proposal needs a program (or at least one reference task)")
         program = references[0]
-    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip())
+    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip(), fmt=FORMAT)
 
 
 def solve_deduction_prompt(task: Task, num_shown: int = 5) -> str:
@@ -210,6 +199,8 @@ def solve_induction_prompt(task: Task, num_shown: int = 5) -> str:
 _BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
 _OPEN_TAIL = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[ \t]*\r?\n((?:(?!```).)*)\Z", re.DOTALL)
 _WELL = re.compile(r"\s*(?:<think>)?(?:(?!<think>).)*</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
+# Answers that may also stand bare inside <answer>...</answer> (AZR's own form for outputs and inputs).
+BARE_ANSWER_KINDS = ("output", "input")
 LANGS = {"program": ("python", "py", "python3"), "input": ("input",), "output": ("output",), "message": ("message",)}
 
 
@@ -318,6 +309,8 @@ def _parse_answer(kind: str, text: str, lenient: bool) -> Answer:
     found = _last(whole, kind)
     if found is not None:
         return Answer(_tidy(kind, found), well_formatted=lenient)
+    if kind in BARE_ANSWER_KINDS and region is not None and "```" not in region and region.strip():
+        return Answer(region.strip(), well_formatted=lenient or tags_ok(text))   # AZR's <answer>literal</answer>
     if not lenient:
         return Answer(error=f"no ```{LANGS[kind][0]} block")
     # lenient fallbacks: untagged block, unclosed trailing block, bare text
@@ -396,11 +389,19 @@ def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
     return ANSWER_PARSERS[task_type](text, lenient)
 
 
-def chat(tokenizer, prompt: str) -> str:
-    """Render through the tokenizer's chat template (with generation prompt) if it has one, else the prompt as is."""
+# A solver's response starts inside the reasoning, as in AZR's R1-style template ("Assistant: <think>"). Probe on
+# the 0.5B default model, 8 samples per template: solver answers well formatted 3/24 with it against 0/24
+# without; proposers with it wrote prose and no blocks (0/24 valid), so they get no prefix.
+SOLVER_PREFIX = "<think>\n"
+ROLE_PREFIX = {"propose": "", "solve": SOLVER_PREFIX}
+
+
+def chat(tokenizer, prompt: str, prefix: str = "") -> str:
+    """Render through the tokenizer's chat template (with generation prompt) if it has one, else the prompt as
+    is; then `prefix`, the start of the response (SOLVER_PREFIX for solvers), which generation continues."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                             add_generation_prompt=True)
         if isinstance(out, str):
-            return out
-    return prompt
+            return out + prefix
+    return prompt + prefix

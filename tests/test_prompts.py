@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import prompts
 from buffers import TASK_TYPES, Task, seed_task
-from prompts import (ANSWER_PARSERS, Answer, Proposal, chat, clean_program, parse_answer, parse_proposal,
+from prompts import (ANSWER_PARSERS, SOLVER_PREFIX, Answer, Proposal, chat, clean_program, parse_answer, parse_proposal,
                      propose_prompt, register_task_type, solve_prompt, tags_ok)
 
 CRUX = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
@@ -87,6 +87,21 @@ def test_chat_with_and_without_template():
     assert out == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     assert chat(_tokenizer(False), prompt) == prompt
     assert chat(None, prompt) == prompt
+    assert chat(_tokenizer(True), prompt, SOLVER_PREFIX) == out + "<think>\n"
+    assert chat(None, prompt, SOLVER_PREFIX) == prompt + "<think>\n"
+
+
+def test_bare_answers_inside_answer_tags():
+    # the response continues the prefilled <think>: no opening tag of its own, AZR's bare <answer>literal</answer>
+    a = parse_answer("deduction", "trace...\n</think>\n<answer>[1, 2]</answer>")
+    assert a.text == "[1, 2]" and a.well_formatted and a.error is None
+    a = parse_answer("abduction", "x</think><answer> 'ab', 3 </answer>")
+    assert a.text == "'ab', 3" and a.well_formatted
+    assert parse_answer("deduction", "x</think><answer>   </answer>").error          # empty is not an answer
+    assert not parse_answer("deduction", "x</think><answer>4</answer><answer>5</answer>").well_formatted
+    assert parse_answer("induction", "x</think><answer>def f(a): return a</answer>").error   # programs need a block
+    a = parse_answer("deduction", "x</think><answer>\n```output\n7\n```\n</answer>")      # the fenced form first
+    assert a.text == "7" and a.well_formatted
 
 
 # ----------------------------------------------------------------------------- proposal parsing
@@ -171,8 +186,8 @@ def test_parse_answer_good():
 def test_parse_answer_strict_format():
     a = parse_answer("deduction", "```output\n5\n```")
     assert a.text == "5" and not a.well_formatted and a.error is None       # extracted, but a format error
-    a = parse_answer("deduction", "<think>x</think><answer>5</answer>")
-    assert a.error and not a.well_formatted and a.text == ""
+    a = parse_answer("deduction", "<think>x</think><answer>5</answer>")       # bare inside the tags (AZR's form)
+    assert a.error is None and a.well_formatted and a.text == "5"
     a = parse_answer("deduction", wrap("```input\n5\n```"))                  # wrong block kind
     assert a.error and a.text == ""
     a = parse_answer("deduction", wrap("```output\n5\n```") + " trailing")
