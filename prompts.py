@@ -1,8 +1,8 @@
 """Prompts and answer parsing for the Absolute Zero Reasoner (six templates: propose/solve x deduction/abduction/induction).
 
-Templates are compact rewordings of the paper's appendix prompts (arXiv 2505.03335, Figs. "Program Input
-Abduction/Output Deduction/Induction Task" for proposer and solver). Every response is asked to be
-`<think>reasoning</think><answer>fenced blocks</answer>`.
+Proposer prompts reword the official AZR prompts; solver prompts end in a literal answer skeleton. The template
+(`render`: the plain R1 conversation or the tokenizer's chat template) asks for
+`<think>reasoning</think><answer>fenced blocks</answer>` and starts each response after "<think>".
 
 Extraction order (after AZR's code):
 1. the region inside the LAST `<answer>` ... `</answer>` (an unclosed last `<answer>` runs to the end of the text);
@@ -11,9 +11,11 @@ Extraction order (after AZR's code):
 3. fallback: the same search over the whole text (then the answer is not `well_formatted`);
 4. lenient mode only (force-accept warm-up): an untagged ``` block, an unclosed trailing block, or the bare
    answer region / text, with no format penalty (`well_formatted` is True).
-`well_formatted` (strict) = at most one `<think>` before exactly one `</think>`, followed by exactly one
-`<answer>...</answer>` pair with nothing but whitespace after it, and the block found inside the answer.
-Parsers never raise: failures come back as `error`.
+`well_formatted` = AZR's check (`tags_ok`: the response, with its "<think>" prefix, starts
+`<think>...</think> <answer>...</answer>`) and the block was found inside the answer. Parsers take the response
+with its prefix, and never raise: failures come back as `error`.
+AZR's entry-point rule: a program without `f` whose only top-level function has another name gets that function
+renamed to `f` (`rename_entry`; applied to proposals here, and to induction answers when they are checked).
 
 Per task type dispatch goes through the registries PROPOSE_PROMPTS, SOLVE_PROMPTS, PROPOSAL_PARSERS,
 ANSWER_PARSERS (see `register_task_type`).
@@ -47,56 +49,129 @@ class Answer:
 
 # ----------------------------------------------------------------------------- templates
 
-# The solver templates end with a literal answer skeleton. The proposer templates show the blocks with a stub
-# program and ask for the tags in one line (FORMAT, also used by examples/custom_task_type.py):
-# with a complete example program in a skeleton, the 0.5B default model mostly explained that example instead
-# (probe on 8 samples per template: 2/24 valid proposals against 7/24 with these).
-FORMAT = ("Think first, then answer, exactly as: <think> your reasoning </think> "
-          "<answer> your fenced blocks </answer>")
+# Proposer prompts follow the official AZR wording (reworded): code, input and formatting requirements, an example
+# of the two blocks, the evaluation criteria and a short list of banned words, then the reference snippets. They ask
+# for blocks, not tags: the tags come from the template (TEMPLATES below). The sandbox keeps its full screen.
+BANNED_WORDS = ("logging", "random", "multiprocessing", "pebble", "subprocess", "threading", "datetime", "time",
+                "hashlib", "hmac", "bcrypt", "os.sys", "os.path", "sys.exit", "os.environ", "calendar")
 
-_CODE_RULES = """Rules for the program:
-- entry function `f` with at least one argument; it must return a value; nested definitions are fine
-- deterministic: no randomness, time, I/O, printing, or external state; finishes within a few seconds
-- imports and helpers at the top; nothing after `f` runs
-- do not use these modules: {banned}
-The input is the argument list of one call f(<input>): commas between arguments, quotes around strings."""
+_PROGRAM_RULES = """### Code Requirements:
+- Name the entry function `f` (e.g. `def f(...): ...`); nested definitions inside `f` are fine
+- `f` returns a value and takes at least one argument
+- `f` is deterministic
+- The snippet needs state tracking over several data transformations, so that solving it takes many reasoning steps
+- Do NOT use: random functions or values, dates or times, I/O (files, network), printing or logging, external state
+- It finishes within 10 seconds on a modern CPU
+- Imports and class definitions go at the very top of the snippet
+- The snippet ends with the return of `f`; anything after it is removed"""
 
-_PROPOSE_IO = """## Task: Create a new Python program with one matching input
-Design a new, unique program and an input so that {goal}. This is an I.Q. test for another model.
-Reference tasks (do not copy them):
-{references}
-{rules}
-Make it require several steps of state tracking to solve; be creative.
-Give the program in a ```python block and the input in an ```input block, e.g.
+_INPUT_RULES = """### Input Requirements:
+- Give exactly one test input for your function
+- Separate several arguments with commas
+- Put quotes around string arguments"""
+
+_PROPOSE_IO = """## Task: Create a Python Code Snippet (custom classes allowed, defined at the top) with one Matching Input
+
+Using the reference snippets below as examples, design a new and unique Python code snippet that takes deep
+algorithmic reasoning to {goal}. Submit a code snippet and one test input; the input is plugged into the snippet to
+produce the output. {subject} This is an I.Q. test.
+
+{program_rules}
+
+{input_rules}
+
+### Formatting:
+- Put your code in:
 ```python
-def f(name, info):
+def f(...):
+    # your code here
     return ...
 ```
+- Put your input in:
 ```input
-'John', {{'age': 20}}
+arg1, arg2, ...
 ```
-{fmt}"""
+
+### Example Format:
+```python
+def f(name: str, info: dict):
+    # code logic here
+    return result
+```
+
+```input
+'John', {{'age': 20, 'city': 'New York'}}
+```
+
+### Evaluation Criteria:
+- Executability: your code runs on your input
+- Difficulty of {difficulty}. Aim for algorithmic reasoning or complex logic: data structures (trees, heaps, stacks,
+queues, graphs), control flow, dynamic programming, recursion, divide and conquer, greedy, backtracking
+- Creativity: the code is clearly different from the reference snippets
+- Restricted words: do not use any of these, in any form, even in comments: {banned}
+
+First make a plan: how your snippet will be challenging, different from the references, and creative. Then write
+the final code snippet and its input.
+
+### Reference Code Snippets:
+{references}
+"""
 
 _GOALS = {
-    "deduction": "deducing the output from the program and input is hard",
-    "abduction": "finding an input from the program and its output is hard",
+    "deduction": dict(goal="deduce the output from the input",
+                      subject="The input is given to a test subject, who must deduce the output.",
+                      difficulty="predicting the output from your ```input``` and ```python``` code"),
+    "abduction": dict(goal="deduce one possible input from a given output",
+                      subject="The output is given to a test subject, who must find any input that produces it.",
+                      difficulty="finding your ```input``` from your ```python``` code and the ```output``` it "
+                                 "deterministically produces"),
 }
 
-_PROPOSE_INDUCTION = """## Task: Create inputs and a message for a Python program
-Given the program below, write {n} diverse inputs that together let another model infer the program from
-input/output pairs alone, and a short message that hints at what the program does without giving the code.
+_PROPOSE_INDUCTION = """## Task: Write {n} Inputs for the Code Snippet below that produce diverse Outputs, and a Message about it
+
+Using the code snippet below, design {n} inputs that produce a diverse set of outputs. Some of your inputs and their
+outputs are given to a test subject, who must deduce the code snippet from them: this is an I.Q. test. You may also
+leave the test subject a message that helps them.
+
+### Input Requirements:
+- Give {n} valid inputs for the code snippet
+- Separate several arguments with commas
+- Put quotes around string arguments
+- Wrap each input in its own ```input block
+
+### Message Requirements:
+- Leave the test subject a message, wrapped in a ```message block
+- It may take any form: a coding question, or a plain description of what the snippet does
+- It must not contain the code snippet
+
+### Formatting:
+- Put each input in:
+```input
+arg1, arg2, ...
+```
+
+### Example Format:
+```input
+'John', {{'age': 20, 'city': 'New York'}}
+```
+```input
+'Sammy', {{'age': 37, 'city': 'Los Angeles'}}
+```
+
+### Evaluation Criteria:
+- Executability: the code runs on every input
+- Coverage: the inputs and outputs cover the snippet's input space, enough to deduce the snippet
+- Creativity: the inputs are clearly different from each other
+- Inputs and message together are challenging for the test subject, but not impossible
+First make a plan: understand the code snippet, then say how your inputs cover it and why they are challenging and
+creative. Then write the inputs, each in ```input blocks, and the message in a ```message block.
+
+### Code Snippet:
 ```python
 {program}
+f(<|YOUR INPUT WILL BE PLUGGED HERE|>)
 ```
-Each input is the argument list of one call f(<input>): commas between arguments, quotes around strings.
-Give each input in its own ```input block and the message in one ```message block, e.g.
-```input
-'abc', 2
-```
-```message
-Combines a string and a count.
-```
-{fmt}"""
+"""
 
 _SOLVE_DEDUCTION = """## Task: Deduce the output of a Python program for an input
 ```python
@@ -154,28 +229,30 @@ def _fence(lang: str, body: str) -> str:
     return f"```{lang}\n{body.strip()}\n```"
 
 
-def render_reference(task: Task) -> str:
-    if task.inputs:  # induction task used as reference: its first pair
+def render_reference(task: Task, index: int = 0) -> str:
+    """One reference snippet: its program, input and output blocks (an induction task shows its first pair)."""
+    if task.inputs:
         inp, out = task.inputs[0], (task.outputs[0] if task.outputs else "")
     else:
         inp, out = task.input, task.output
-    return "\n".join([_fence("python", task.program), _fence("input", inp), _fence("output", out)])
+    body = "\n".join([_fence("python", task.program), _fence("input", inp), _fence("output", out)])
+    return f"<snippet_{index}>\n{body}\n</snippet_{index}>"
 
 
-def propose_io_prompt(task_type: str, references: list[Task], forbidden_modules: Sequence[str],
+def propose_io_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
                       program: Task | None = None, num_inputs: int = 10) -> str:
-    refs = "\n".join(f"### Reference {i + 1}\n{render_reference(t)}" for i, t in enumerate(references)) or "(none)"
-    rules = _CODE_RULES.format(banned=", ".join(forbidden_modules) or "(none)")
-    return _PROPOSE_IO.format(goal=_GOALS[task_type], references=refs, rules=rules, fmt=FORMAT)
+    refs = "\n".join(render_reference(t, i) for i, t in enumerate(references)) or "(none)"
+    return _PROPOSE_IO.format(**_GOALS[task_type], program_rules=_PROGRAM_RULES, input_rules=_INPUT_RULES,
+                              banned=", ".join(banned_words) or "(none)", references=refs)
 
 
-def propose_induction_prompt(task_type: str, references: list[Task], forbidden_modules: Sequence[str],
+def propose_induction_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
                              program: Task | None = None, num_inputs: int = 10) -> str:
     if program is None:
         if not references:
             raise ValueError("induction proposal needs a program (or at least one reference task)")
         program = references[0]
-    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip(), fmt=FORMAT)
+    return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip())
 
 
 def solve_deduction_prompt(task: Task, num_shown: int = 5) -> str:
@@ -198,7 +275,7 @@ def solve_induction_prompt(task: Task, num_shown: int = 5) -> str:
 
 _BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
 _OPEN_TAIL = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[ \t]*\r?\n((?:(?!```).)*)\Z", re.DOTALL)
-_WELL = re.compile(r"\s*(?:<think>)?(?:(?!<think>).)*</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
+_WELL = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 # Answers that may also stand bare inside <answer>...</answer> (AZR's own form for outputs and inputs).
 BARE_ANSWER_KINDS = ("output", "input")
 LANGS = {"program": ("python", "py", "python3"), "input": ("input",), "output": ("output",), "message": ("message",)}
@@ -215,10 +292,8 @@ def answer_region(text: str) -> str | None:
 
 
 def tags_ok(text: str) -> bool:
-    """Strict format: (<think>)? ... </think> <answer> ... </answer>, each tag exactly once."""
-    if any(text.count(t) != 1 for t in ("</think>", "<answer>", "</answer>")) or text.count("<think>") > 1:
-        return False
-    return _WELL.fullmatch(text) is not None
+    """AZR's format check on the response with its prefix: it starts `<think> ... </think> <answer> ... </answer>`."""
+    return _WELL.match(text) is not None
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
@@ -241,18 +316,24 @@ def _regions(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], s
 
 
 def clean_program(program: str) -> str:
-    """Drop top-level statements after AZR's "nothing after f runs": bare expressions (print(f(..)), asserts),
-    `if __name__ == '__main__'` blocks. Unparseable programs are returned unchanged (validation rejects them)."""
+    """AZR's "nothing after f runs": drop top-level bare expressions (print(f(..)), asserts), `if __name__ ==
+    '__main__'` blocks, and every statement after the entry function that defines nothing (test calls such as
+    `result = f(x)`). The entry function is `f`, else the last top-level function. Unparseable programs are
+    returned unchanged (validation rejects them)."""
     try:
         tree = ast.parse(program)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return program.strip("\n")
+    functions = [i for i, n in enumerate(tree.body) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    entry = next((i for i in functions if tree.body[i].name == "f"), functions[-1] if functions else len(tree.body))
+    definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
     keep, changed = [], False
-    for node in tree.body:
-        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is tree.body[0]
+    for i, node in enumerate(tree.body):
+        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and i == 0
         is_main = (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
                    and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
-        if (isinstance(node, (ast.Expr, ast.Assert)) and not is_docstring) or is_main:
+        if ((isinstance(node, (ast.Expr, ast.Assert)) and not is_docstring) or is_main
+                or (i > entry and not isinstance(node, definitions))):
             changed = True
             continue
         keep.append(node)
@@ -262,6 +343,20 @@ def clean_program(program: str) -> str:
         return ast.unparse(ast.Module(body=keep, type_ignores=[]))
     except Exception:
         return program.strip("\n")
+
+
+def rename_entry(program: str) -> str:
+    """AZR's entry-point rule: if no top-level `f` exists and exactly one top-level function does, rename it (and
+    its recursive calls) to `f`. Anything else is returned unchanged."""
+    try:
+        tree = ast.parse(program)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return program
+    defs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | set(defs)
+    if "f" in names or len(defs) != 1:
+        return program
+    return re.sub(rf"(?<![\w.]){re.escape(defs[0])}\b", "f", program)
 
 
 def parse_io_proposal(task_type: str, text: str, program: str = "") -> Proposal:
@@ -276,9 +371,10 @@ def parse_io_proposal(task_type: str, text: str, program: str = "") -> Proposal:
             inp = _last(whole, "input")
         if prog is None:
             return Proposal(error="no ```python block", input=(inp or "").strip())
+        prog = rename_entry(clean_program(prog))
         if inp is None or not inp.strip():
-            return Proposal(program=clean_program(prog), error="no ```input block")
-        return Proposal(program=clean_program(prog), input=inp.strip(), well_formatted=well)
+            return Proposal(program=prog, error="no ```input block")
+        return Proposal(program=prog, input=inp.strip(), well_formatted=well)
     except Exception as e:  # never raise
         return Proposal(error=f"parse error: {type(e).__name__}")
 
@@ -354,17 +450,49 @@ ANSWER_PARSERS: dict[str, Callable[[str, bool], Answer]] = {
 
 def register_task_type(name: str, *, propose: Callable[..., str], solve: Callable[..., str],
                        parse_proposal: Callable[..., Proposal], parse_answer: Callable[[str, bool], Answer]) -> None:
-    """Add a task type: propose(task_type, references, forbidden_modules, program, num_inputs) -> str,
+    """Add a task type: propose(task_type, references, banned_words, program, num_inputs) -> str,
     solve(task, num_shown) -> str, parse_proposal(task_type, text, program) -> Proposal (never raise),
     parse_answer(text, lenient) -> Answer (never raise)."""
     PROPOSE_PROMPTS[name], SOLVE_PROMPTS[name] = propose, solve
     PROPOSAL_PARSERS[name], ANSWER_PARSERS[name] = parse_proposal, parse_answer
 
 
-def propose_prompt(task_type: str, references: list[Task], forbidden_modules: Sequence[str],
-                   program: Task | None = None, num_inputs: int = 10) -> str:
-    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs)."""
-    return PROPOSE_PROMPTS[task_type](task_type, references, forbidden_modules, program, num_inputs)
+# The answer form a proposer prompt may end with (--proposer-answer-form): the tags and blocks spelled out, as the
+# solver prompts do. A deviation from the official prompts, measured in bench_proposals.py (README).
+_IO_FORM = """Reply in exactly this form:
+<think>
+Your plan.
+</think>
+<answer>
+```python
+def f(...):
+    ...
+```
+```input
+the arguments of one call
+```
+</answer>"""
+PROPOSE_FORMS = {"deduction": _IO_FORM, "abduction": _IO_FORM, "induction": """Reply in exactly this form:
+<think>
+Your plan.
+</think>
+<answer>
+```input
+the arguments of one call
+```
+(one ```input block per input)
+```message
+your message
+```
+</answer>"""}
+
+
+def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                   program: Task | None = None, num_inputs: int = 10, answer_form: bool = False) -> str:
+    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `answer_form`
+    appends the task type's PROPOSE_FORMS entry (if it has one)."""
+    text = PROPOSE_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
+    return text.rstrip("\n") + "\n\n" + PROPOSE_FORMS[task_type] if answer_form and task_type in PROPOSE_FORMS else text
 
 
 def solve_prompt(task: Task, num_shown: int = 5) -> str:
@@ -389,19 +517,25 @@ def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
     return ANSWER_PARSERS[task_type](text, lenient)
 
 
-# A solver's response starts inside the reasoning, as in AZR's R1-style template ("Assistant: <think>"). Probe on
-# the 0.5B default model, 8 samples per template: solver answers well formatted 3/24 with it against 0/24
-# without; proposers with it wrote prose and no blocks (0/24 valid), so they get no prefix.
-SOLVER_PREFIX = "<think>\n"
-ROLE_PREFIX = {"propose": "", "solve": SOLVER_PREFIX}
+# Templates. Both ask for `<think> reasoning </think> <answer> answer </answer>` and start every response (both
+# roles) inside the reasoning, after "<think>", as AZR does. `r1` is the plain-text R1-Zero conversation AZR trains
+# with; `chat` puts the same instruction in the system message of the tokenizer's chat template.
+TEMPLATES = ("r1", "chat")
+DEFAULT_TEMPLATE = "r1"
+R1_INSTRUCTION = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                  "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                  "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+                  "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+                  "<answer> answer here </answer>.")
+RESPONSE_PREFIX = "<think>\n"
 
 
-def chat(tokenizer, prompt: str, prefix: str = "") -> str:
-    """Render through the tokenizer's chat template (with generation prompt) if it has one, else the prompt as
-    is; then `prefix`, the start of the response (SOLVER_PREFIX for solvers), which generation continues."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                            add_generation_prompt=True)
-        if isinstance(out, str):
-            return out + prefix
-    return prompt + prefix
+def render(tokenizer, prompt: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The full prompt text the model continues: the task wrapped in `template`, ending in RESPONSE_PREFIX.
+    A tokenizer without a chat template gets the r1 text."""
+    if template == "chat" and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": R1_INSTRUCTION}, {"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + RESPONSE_PREFIX
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    return f"{R1_INSTRUCTION} User: {prompt}\nAssistant: {RESPONSE_PREFIX}"

@@ -1,23 +1,26 @@
 """Rewards, proposal validation and answer checking for the Absolute Zero Reasoner.
 
-Rewards (paper arXiv 2505.03335, Eqs. 4-5):
-- proposer_reward(r) = 1 - r for a valid task with solver success rate r in (0, 1); `extreme_reward` when r is
-  0 or 1 (paper: 0.0; the official code uses -0.5, its issue #37). Invalid proposal: INVALID_PROPOSAL_REWARD (-1).
+Rewards (paper arXiv 2505.03335, Eqs. 4-5, as the official code computes them):
+- proposer_reward(r) = 1 - r for a valid, well-formatted task with solver success rate r in (0, 1);
+  `extreme_reward` when r is 0 or 1 (official code -0.5, the default here; the paper's Eq. 4 says 0).
+  An invalid or badly formatted proposal gets INVALID_PROPOSAL_REWARD (-1). r counts correct answers whatever
+  their format.
 - solver_reward: 1 correct, -0.5 wrong but well formatted, -1 format error (a format error is -1 even if the
   extracted text happens to be right).
 - Optional additive proposer terms (weights default 0, AZR found no gain): diversity_reward (1 - max token-Jaccard
-  similarity to the buffer's programs) and complexity_reward (AST node count / COMPLEXITY_SCALE, capped at 1);
-  combined_proposer_reward adds them.
+  similarity to the buffer's programs) and complexity_reward (AST node count / COMPLEXITY_SCALE, capped at 1).
 
-validate_proposals refines the spec's `list[Task | str]` return type to `list[ValidationResult]`:
-  ValidationResult(task, reason, hard, force_accepted); `task` is None when rejected.
+validate_proposals returns a ValidationResult per proposal: (task, reason, hard, force_accepted); `task` is None
+when rejected. Admission follows the official code: every proposal that passes the hard checks is valid and its
+task enters the buffer; the response's format only decides the proposer reward.
 Hard checks (always reject): parse failure (no program / no input), static screen (check_program),
   does not run or is not deterministic (sandbox with repeats=2: two processes), induction with fewer than
   num_shown + 1 usable inputs.
-Soft checks (reject unless force_accept): response not well formatted (think/answer tags), duplicate of a task in
-  `existing` or earlier in the batch, trivial task (deduction/abduction: output equals the input; induction: all
-  outputs equal; induction without a message), output not a plain literal (Result.literal).
-  With force_accept=True a task that fails only soft checks is accepted with force_accepted=True and its reason.
+Duplicates of a task in `existing` or earlier in the batch stay valid (reason "duplicate"); the buffer skips them.
+Soft checks (`strict=True` only, off by default): trivial task (deduction/abduction: output equals the input;
+  induction: all outputs equal; induction without a message), output not a plain literal (Result.literal).
+  Their reason is reported either way. With strict and force_accept a task that fails only soft checks is
+  accepted with force_accepted=True.
 Induction rule: proposed inputs are run in order (repeats=2); an input is usable when it ran ok and its normalised
   text (ast.dump of the call's arguments) differs from every earlier usable input. The first num_shown usable
   inputs are shown to the solver and up to num_shown more are held out (the paper's 5 + 5 when all 10 are
@@ -40,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from buffers import Task, TaskBuffer, normalize_input, normalize_program
-from prompts import Answer, Proposal
+from prompts import Answer, Proposal, rename_entry
 from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
 
 INVALID_PROPOSAL_REWARD = -1.0
@@ -49,8 +52,8 @@ COMPLEXITY_SCALE = 200  # AST nodes for complexity_reward == 1.0
 
 # ----------------------------------------------------------------------------- rewards
 
-def proposer_reward(success_rate: float, extreme_reward: float = 0.0) -> float:
-    """Learnability reward 1 - r; `extreme_reward` when r is 0 or 1 (paper 0.0, official code -0.5)."""
+def proposer_reward(success_rate: float, extreme_reward: float = -0.5) -> float:
+    """Learnability reward 1 - r; `extreme_reward` when r is 0 or 1 (official code -0.5, paper 0.0)."""
     if success_rate <= 0.0 or success_rate >= 1.0:
         return float(extreme_reward)
     return 1.0 - float(success_rate)
@@ -96,20 +99,6 @@ def complexity_reward(task: Task) -> float:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return 0.0
     return min(1.0, n / COMPLEXITY_SCALE)
-
-
-def combined_proposer_reward(success_rate: float, task: Task | None = None, others: list[Task] = (),
-                             extreme_reward: float = 0.0, diversity_weight: float = 0.0,
-                             complexity_weight: float = 0.0) -> float:
-    """proposer_reward + diversity_weight * diversity + complexity_weight * complexity (task None -> invalid, -1)."""
-    if task is None:
-        return INVALID_PROPOSAL_REWARD
-    r = proposer_reward(success_rate, extreme_reward)
-    if diversity_weight:
-        r += diversity_weight * diversity_reward(task, list(others))
-    if complexity_weight:
-        r += complexity_weight * complexity_reward(task)
-    return r
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -212,7 +201,7 @@ def _induction_answer_jobs(task: Task, a: Answer, num_shown: int) -> list[tuple[
     held = task.inputs[num_shown:]
     if not a.text.strip() or not held:
         return []
-    return [(a.text, i) for i in held]
+    return [(rename_entry(a.text), i) for i in held]      # AZR's rule: a lone function other than f becomes f
 
 
 def _induction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bool:
@@ -254,20 +243,15 @@ def _forbidden(sb) -> tuple[str, ...]:
 
 
 def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration: int, num_shown: int = 5, *,
-                       existing: Iterable[Task] | TaskBuffer = (), force_accept: bool = False) -> list[ValidationResult]:
+                       existing: Iterable[Task] | TaskBuffer = (), strict: bool = False,
+                       force_accept: bool = False) -> list[ValidationResult]:
     """Turn proposals into tasks with ONE sb.run_many(..., repeats=2) batch; see the module docstring."""
     rules = RULES[task_type]
     out: list[ValidationResult | None] = [None] * len(proposals)
     spans: list[tuple[int, int, int]] = []   # (proposal index, start, end) into jobs
     jobs: list[tuple[str, str]] = []
     for i, p in enumerate(proposals):
-        if p.error:
-            out[i] = ValidationResult(None, p.error, hard=True)
-            continue
-        if not p.program.strip():
-            out[i] = ValidationResult(None, "no program", hard=True)
-            continue
-        bad = check_program(p.program, _forbidden(sb))
+        bad = p.error or ("no program" if not p.program.strip() else check_program(p.program, _forbidden(sb)))
         if bad:
             out[i] = ValidationResult(None, bad, hard=True)
             continue
@@ -282,16 +266,10 @@ def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration:
         if isinstance(task, str):
             out[i] = ValidationResult(None, task, hard=True)
             continue
-        soft = None
-        if not p.well_formatted:
-            soft = "format: missing think/answer tags or blocks outside <answer>"
-        elif task.key() in seen:
-            soft = "duplicate"
-        else:
-            soft = rules.soft_check(task, p, res)
+        soft = "duplicate" if task.key() in seen else rules.soft_check(task, p, res)
         seen.add(task.key())
-        if soft is None:
-            out[i] = ValidationResult(task)
+        if soft is None or soft == "duplicate" or not strict:
+            out[i] = ValidationResult(task, soft)
         elif force_accept:
             out[i] = ValidationResult(task, soft, force_accepted=True)
         else:

@@ -30,8 +30,7 @@ found by tracing the code carefully. Reference tasks (do not copy them; their ou
 {references}
 The program must be deterministic, use none of these modules: {banned}, and return a plain value.
 The input is the argument list of one call f(<input>). Give the program in a ```python block and the input in
-an ```input block.
-{fmt}"""
+an ```input block."""
 
 SOLVE = """## Task: Predict the type of a Python program's result
 ```python
@@ -44,17 +43,16 @@ What is the type of the value f returns for this input? Give only its name (int,
 tuple, dict, set, NoneType, ...) in an ```output block:
 ```output
 <type name>
-```
-{fmt}"""
+```"""
 
 
-def propose_prompt(task_type, references, forbidden_modules, program=None, num_inputs=10) -> str:
-    refs = "\n".join(prompts.render_reference(t) for t in references) or "(none)"
-    return PROPOSE.format(references=refs, banned=", ".join(forbidden_modules), fmt=prompts.FORMAT)
+def propose_prompt(task_type, references, banned_words=prompts.BANNED_WORDS, program=None, num_inputs=10) -> str:
+    refs = "\n".join(prompts.render_reference(t, i) for i, t in enumerate(references)) or "(none)"
+    return PROPOSE.format(references=refs, banned=", ".join(banned_words))
 
 
 def solve_prompt(task, num_shown=5) -> str:
-    return SOLVE.format(program=task.program.strip(), input=task.input.strip(), fmt=prompts.FORMAT)
+    return SOLVE.format(program=task.program.strip(), input=task.input.strip())
 
 
 def type_name(text: str) -> str:

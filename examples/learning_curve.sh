@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Learning curve on this CPU: train the default model for a fixed wall-clock budget with periodic CRUXEval-O
-# evaluation on a fixed held-out slice (the LAST --eval-limit items of the file), then compare base vs final.
-# What to read afterwards: runs/learning_curve/curves.png and metrics.jsonl (format-error rates, proposal
-# validity, solve rates, eval/cruxeval-o), eval_base.json vs eval_final.json. Not run by its author.
+# evaluation on a small held-out slice (the LAST --eval-limit items of the file), then compare base and final
+# adapter on CRUXEval-O and CRUXEval-I over the last FINAL_LIMIT items (greedy, FINAL_TOKENS new tokens).
+# Training never sees CRUXEval. What to read afterwards: runs/learning_curve/curves.png and metrics.jsonl
+# (admitted, format-error rates, proposal validity, solve rates, eval/cruxeval-o), eval_base.json against
+# eval_final.json.
 #
 #   BUDGET=60m bash examples/learning_curve.sh   # extra flags pass through to azr.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-60m}                 # wall-clock budget of the training phase (timeout(1) syntax)
 RUN=${RUN:-runs/learning_curve}
-DATA=${DATA:-../shared/data/cruxeval/cruxeval.jsonl}
+DATA=${DATA:-data/cruxeval/cruxeval.jsonl}
 EVAL_LIMIT=${EVAL_LIMIT:-50}          # held-out items per evaluation
 EVAL_EVERY=${EVAL_EVERY:-3}           # iterations between evaluations (each costs a few minutes on CPU)
-TOKENS=${TOKENS:-192}                 # = the cpu-demo preset's --max-new-tokens-solve, used by the in-loop eval
+TOKENS=${TOKENS:-256}                 # = the cpu-demo preset's --max-new-tokens-solve, used by the in-loop eval
+FINAL_LIMIT=${FINAL_LIMIT:-200}       # held-out items for the base/final comparison
+FINAL_TOKENS=${FINAL_TOKENS:-512}
 mkdir -p "$RUN"
 
-# 0. iteration 0 of the curve: the base model on the same slice, same decoding as the in-loop evaluation
-python evaluate.py --benchmarks cruxeval-o --data "$DATA" --limit "$EVAL_LIMIT" --from-end \
-    --max-new-tokens "$TOKENS" --output "$RUN/eval_base.json"
+# 0. the base model on the held-out slice
+python evaluate.py --benchmarks cruxeval-o cruxeval-i --data "$DATA" --limit "$FINAL_LIMIT" --from-end \
+    --max-new-tokens "$FINAL_TOKENS" --output "$RUN/eval_base.json"
 
 # 1. self-play until the budget runs out; SIGINT makes azr.py stop (exit 130) and the last finished
 #    iteration's checkpoint stays, so `python azr.py --resume $RUN --iterations N` can continue it
@@ -25,9 +29,9 @@ timeout --signal=INT "$BUDGET" python azr.py --output-dir "$RUN" --iterations 10
     --eval-every "$EVAL_EVERY" --eval-limit "$EVAL_LIMIT" --eval-data "$DATA" \
     --max-new-tokens-solve "$TOKENS" "$@" || echo "training stopped (budget $BUDGET reached or interrupted)"
 
-# 2. the trained adapter on the same slice
-python evaluate.py --benchmarks cruxeval-o --data "$DATA" --limit "$EVAL_LIMIT" --from-end \
-    --max-new-tokens "$TOKENS" --adapter "$RUN/checkpoint/adapter" --output "$RUN/eval_final.json"
+# 2. the trained adapter on the same slice, same settings
+python evaluate.py --benchmarks cruxeval-o cruxeval-i --data "$DATA" --limit "$FINAL_LIMIT" --from-end \
+    --max-new-tokens "$FINAL_TOKENS" --adapter "$RUN/checkpoint/adapter" --output "$RUN/eval_final.json"
 
 # 3. what moved: first vs last logged iteration
 python - "$RUN" <<'PY'
@@ -37,12 +41,12 @@ run = Path(sys.argv[1])
 rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
 first, last = rows[0], rows[-1]
 keys = sorted(k for k in last if k.endswith(("format_error_rate", "validity_rate", "solve_rate", "reward_mean"))
-              or k.startswith("eval/"))
+              or k.startswith("eval/") or k in ("admitted", "admitted_share"))
 print(f"iterations {first['iteration']}..{last['iteration']}")
 for k in keys:
     a, b = first.get(k), last.get(k)
     print(f"{k:<45} {'-' if a is None else f'{a:.3f}':>8} -> {'-' if b is None else f'{b:.3f}':>8}")
 for name in ("eval_base", "eval_final"):
-    r = json.loads((run / f"{name}.json").read_text())["results"]["cruxeval-o"]
-    print(f"{name:<12} CRUXEval-O {r['correct']}/{r['n']} = {r['accuracy']:.3f}")
+    for bench, r in json.loads((run / f"{name}.json").read_text())["results"].items():
+        print(f"{name:<12} {bench} {r['correct']}/{r['n']} = {r['accuracy']:.3f}  format {r['format_ok']:.2f}")
 PY

@@ -11,8 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 
 from buffers import Task, seed_task  # noqa: E402
-from prompts import chat, propose_prompt, solve_prompt  # noqa: E402
-from sandbox import FORBIDDEN_MODULES  # noqa: E402
+from prompts import propose_prompt, render, solve_prompt  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -112,18 +111,18 @@ def well_formed_examples() -> list[tuple[str, str]]:
     for program, inp in PROGRAMS:
         block = f"```python\n{program}\n```\n```input\n{inp}\n```"
         for t in ("deduction", "abduction"):
-            prompt = propose_prompt(t, [seeds[t]], FORBIDDEN_MODULES)
-            pairs.append((prompt, f"<think>A small program.</think><answer>{block}</answer>"))
+            prompt = propose_prompt(t, [seeds[t]])
+            pairs.append((prompt, f"A small program.</think><answer>{block}</answer>"))
         inputs = "\n".join(f"```input\n{i}\n```" for i in ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10"))
         task = Task("deduction", program, inp, "")
-        prompt = propose_prompt("induction", [seeds["induction"]], FORBIDDEN_MODULES, program=task)
-        pairs.append((prompt, f"<think>Numbers.</think><answer>{inputs}\n```message\nDoubles it.\n```</answer>"))
+        prompt = propose_prompt("induction", [seeds["induction"]], program=task)
+        pairs.append((prompt, f"Numbers.</think><answer>{inputs}\n```message\nDoubles it.\n```</answer>"))
         pairs.append((solve_prompt(Task("deduction", program, inp, "6")),
-                      "<think>Trace it.</think><answer>```output\n6\n```</answer>"))
+                      "Trace it.</think><answer>```output\n6\n```</answer>"))
         pairs.append((solve_prompt(Task("abduction", program, inp, "6")),
-                      "<think>Invert it.</think><answer>```input\n3\n```</answer>"))
+                      "Invert it.</think><answer>```input\n3\n```</answer>"))
         pairs.append((solve_prompt(seeds["induction"]),
-                      f"<think>Pattern.</think><answer>```python\n{program}\n```</answer>"))
+                      f"Pattern.</think><answer>```python\n{program}\n```</answer>"))
     return pairs
 
 
@@ -140,7 +139,7 @@ def formatted_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
     pairs = well_formed_examples()
     tokenizer.add_tokens(sorted({response for _, response in pairs}))
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    rows = [(tokenizer(chat(tokenizer, prompt), add_special_tokens=False)["input_ids"],
+    rows = [(tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"],
              tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             for prompt, response in pairs]
     torch.manual_seed(0)

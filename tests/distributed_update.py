@@ -7,6 +7,7 @@ update's statistics to OUT.pt. `update()` also runs in a single process, for the
 """
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def update(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     policy, tokenizer = lora_policy(model_dir)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     cfg = azr.Config(micro_batch_size=2, ppo_epochs=2, entropy_coef=0.01, kl_coef=0.1)
-    stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer())
+    stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer(),
+                              random.Random(0))
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, stats
 
 

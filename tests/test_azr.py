@@ -5,6 +5,8 @@ The tiny model is first taught the answer format (conftest.formatted_tiny_dir); 
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ def tiny_args(model_dir: Path, run_dir: Path, iterations: int) -> list[str]:
             "--preset", "cpu-demo", "--tasks-per-iteration", "6", "--learnability-samples", "2",
             "--seed-buffer-size", "1", "--max-new-tokens-propose", "8", "--max-new-tokens-solve", "8",
             "--micro-batch-size", "8", "--learning-rate", "1e-3", "--lora-r", "4", "--no-gradient-checkpointing",
-            "--samples-per-group", "1", "--sandbox-timeout", "2"]
+            "--samples-per-group", "1", "--sandbox-timeout", "2", "--no-proposer-answer-form"]
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +33,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-DETERMINISTIC = ("reward_mean", "solve_rate", "validity_rate", "buffer/", "force_accepted", "response_tokens")
+DETERMINISTIC = ("reward_mean", "solve_rate", "validity_rate", "buffer/", "admitted", "response_tokens")
 
 
 def deterministic_part(m: dict) -> dict:
@@ -49,8 +51,12 @@ def test_two_iterations_then_resume_is_exact(formatted_tiny_dir, tmp_path):
     assert sum(sizes.values()) > 3, f"buffers did not grow beyond the 3 seeds: {sizes}"
     lora_b = [v for k, v in adapter_tensors(run).items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must have moved"
-    for key in ("time/generation", "time/sandbox", "time/update", "time/other", "tokens_per_second", "peak_rss_gib"):
-        assert key in rows[-1]
+    for key in ("time/generation", "time/sandbox", "time/update", "time/other", "tokens_per_second", "peak_rss_gib",
+                "time/prefill", "time/decode", "generation/computed_tokens", "deduction/propose/truncated_rate",
+                "deduction/solve/truncated_rate", "deduction/propose/soft_check_rate", "update/steps"):
+        assert key in rows[-1], key
+    assert rows[-1]["generation/useful_share_of_decode"] == 1.0      # no decode step spent on a finished row
+    assert sum(r["admitted"] for r in rows) == sum(sizes.values()) - 3      # what entered the buffers, counted
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["iteration"] == 2
 
@@ -78,7 +84,11 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--iterations", "0"], "--iterations must be at least 1"),
-    (["--advantage-min-group", "1"], "--advantage-min-group must be at least 2"),
+    (["--mini-batches", "0"], "--mini-batches must be at least 1"),
+    (["--template", "alpaca"], "--template must be one of r1 chat"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
+    (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
     (["--task-types", "deduction", "abduction", "--task-distribution", "1"], "--task-distribution needs one"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
@@ -98,19 +108,80 @@ def test_unwritable_output_dir(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+def roll(t: str, role: str, r: float, prompt_ids: list[int] = (), response_ids: list[int] = (1,)) -> azr.Rollout:
+    return azr.Rollout(t, role, "", list(prompt_ids), list(response_ids), "", reward=r)
+
+
 def test_task_relative_advantages_are_per_group():
-    def roll(t: str, role: str, r: float) -> azr.Rollout:
-        return azr.Rollout(t, role, "", [], [1], "", reward=r)
     big = [roll("deduction", "solve", r) for r in (1, -0.5, 1, -1, 1, -0.5, 1, 1)]
-    other = [roll("abduction", "propose", r) for r in (0.2, 0.4, 0.6, 0.8, 0.2, 0.4, 0.6, 0.8)]
-    azr.task_relative_advantages(big + other, {}, min_group=8)
+    other = [roll("abduction", "propose", r) for r in (0.2, 0.4, 0.6, 0.8)]
+    equal = [roll("induction", "solve", 1.0) for _ in range(3)]
+    single = [roll("induction", "propose", -1.0)]
+    azr.task_relative_advantages(big + other + equal + single)
     for group in (big, other):
         adv = torch.tensor([s.advantage for s in group])
         assert abs(float(adv.mean())) < 1e-6 and abs(float(adv.std()) - 1) < 1e-4
-    stats: dict = {}
-    small = [roll("induction", "solve", 1.0)]
-    azr.task_relative_advantages(small, stats, min_group=8)   # one sample: running estimate, no division by 0
-    assert small[0].advantage == pytest.approx(0.0) and stats["induction/solve"].count == 1
+    assert all(s.advantage == 0 for s in equal + single)      # no spread: no signal, no division by zero
+    assert big[0].advantage > 0 > big[3].advantage
+
+
+def update_setup(model_dir: Path, **overrides):
+    """A fresh tiny policy, a config for policy_update, and one prompt with two different responses."""
+    import model as models
+    policy, tokenizer = models.load_policy(str(model_dir), lora_r=4, lora_alpha=8, load_in_4bit=False, device="cpu",
+                                           dtype="fp32")
+    cfg = azr.Config(**{"learning_rate": 5e-2, "micro_batch_size": 8, "mini_batches": 1, **overrides})
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    prompt = tokenizer("def f(a):\n    return a", add_special_tokens=False)["input_ids"]
+    good = tokenizer("<answer>```output", add_special_tokens=False)["input_ids"]
+    bad = tokenizer("0123456789 ()[]", add_special_tokens=False)["input_ids"]
+    return policy, tokenizer, cfg, optimizer, prompt, good, bad
+
+
+def logp_sum(policy, tokenizer, sample: azr.Rollout) -> float:
+    with torch.no_grad():
+        logp, _, mask = azr.response_logps(policy, [sample], tokenizer.pad_token_id, 1.0)
+    return float((logp * mask).sum())
+
+
+def test_update_raises_positive_and_lowers_negative_advantage(tiny_model_dir):
+    """The sign of the loss: one step makes the positive-advantage response likelier, the negative one less likely."""
+    torch.manual_seed(0)
+    policy, tokenizer, cfg, optimizer, prompt, good, bad = update_setup(tiny_model_dir)
+    samples = [roll("deduction", "solve", 1.0, prompt, good), roll("deduction", "solve", -1.0, prompt, bad)]
+    azr.task_relative_advantages(samples)
+    before = [logp_sum(policy, tokenizer, s) for s in samples]
+    stats = azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+                                 random.Random(0))
+    after = [logp_sum(policy, tokenizer, s) for s in samples]
+    assert stats["steps"] == 1 and stats["clip_fraction"] == 0      # first step: ratio 1, nothing clipped
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1, (before, after)
+
+
+def test_clipping_zeroes_the_gradient_past_one_plus_epsilon():
+    """Past 1 + eps with A > 0, or past 1 - eps with A < 0, a token adds no gradient; inside the range it does."""
+    eps = 0.2
+    for ratio, advantage, zero in ((1.5, 1.0, True), (1.5, -1.0, False), (0.5, -1.0, True), (0.5, 1.0, False),
+                                   (1.1, 1.0, False), (0.9, -1.0, False)):
+        logp = torch.zeros(1, 3, requires_grad=True)
+        old = torch.full((1, 3), -math.log(ratio))
+        loss, r = azr.clipped_policy_loss(logp, old, torch.tensor([[advantage]]), eps)
+        loss.sum().backward()
+        assert torch.allclose(r, torch.tensor(ratio))
+        assert bool((logp.grad == 0).all()) == zero, (ratio, advantage, logp.grad)
+        if not zero:      # inside or on the improving side: the gradient pushes logp the advantage's way
+            assert bool((-logp.grad * advantage > 0).all())
+
+
+def test_mini_batches_take_one_step_each(tiny_model_dir):
+    torch.manual_seed(0)
+    policy, tokenizer, cfg, optimizer, prompt, good, bad = update_setup(tiny_model_dir, mini_batches=3,
+                                                                         micro_batch_size=2)
+    samples = [roll("deduction", "solve", r, prompt, good if r > 0 else bad) for r in (1, -1, 1, -1, 1, -1)]
+    azr.task_relative_advantages(samples)
+    stats = azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+                                 random.Random(0))
+    assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 
 
 def test_split_counts_follows_distribution():
@@ -136,3 +207,23 @@ def test_one_iteration_of_the_default_model(tmp_path):
     assert any(s["response"].strip() for s in samples), "the model wrote nothing"
     base = AutoModelForCausalLM.from_pretrained(models.resolve_model(models.DEFAULT_MODEL), dtype=torch.bfloat16)
     PeftModel.from_pretrained(base, str(run / "checkpoint" / "adapter"))   # the adapter is in PEFT format
+
+
+def test_seed_files_are_revalidated_in_the_sandbox(tmp_path):
+    """Official seed rows are checked like proposals: outputs recomputed, broken or unsafe programs dropped."""
+    from sandbox import Sandbox
+    rows = [{"snippet": "def g(x):\n    return x * 2", "input": "4", "output": "None"},       # wrong output, renamed
+            {"snippet": "import os\ndef f(a):\n    return a", "input": "1", "output": "1"},   # forbidden import
+            {"snippet": "def f(a):\n    return 1 / 0", "input": "1", "output": "1"},          # crashes
+            {"snippet": "def f(a):\n    return a + 1", "inputs": [str(i) for i in range(10)],
+             "outputs": ["0"] * 10, "message": "adds one"}]
+    path = tmp_path / "seeds.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = azr.Config(seed_file=[str(path)])
+    buffers = Buffers()
+    with Sandbox(workers=1) as sb:
+        azr.load_seed_files(sb, buffers, cfg)
+    assert buffers.sizes() == {"deduction": 2, "abduction": 2, "induction": 2}
+    added = buffers["deduction"].tasks[-1]
+    assert added.program == "def f(x):\n    return x * 2" and added.output == "8"
+    assert buffers["induction"].tasks[-1].outputs[:3] == ["1", "2", "3"]

@@ -7,7 +7,7 @@ import pytest
 
 from buffers import IDENTITY_PROGRAM, TASK_TYPES, Buffers, Task, TaskBuffer, normalize_program, seed_task
 
-CRUX = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
+CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 
 
 def mk(i: int, task_type: str = "deduction") -> Task:
@@ -141,7 +141,6 @@ def test_custom_task_type_buffer():
     assert b.sizes() == {"deduction": 1, "mytype": 0}
 
 
-@pytest.mark.skipif(not CRUX.exists(), reason="CRUXEval data absent")
 def test_cruxeval_triplets_dedup_and_round_trip(tmp_path):
     rows = [json.loads(line) for line in CRUX.read_text().splitlines()[:200]]
     tasks = [Task("deduction", r["code"], r["input"], r["output"]) for r in rows]
@@ -150,3 +149,24 @@ def test_cruxeval_triplets_dedup_and_round_trip(tmp_path):
     assert len(b["deduction"]) == 150 and b["deduction"].tasks[-1] == tasks[-1]
     b.save(tmp_path / "x.jsonl")
     assert Buffers.load(tmp_path / "x.jsonl")["deduction"].tasks == b["deduction"].tasks
+
+
+SEEDS_DIR = Path(__file__).resolve().parents[1] / "data/azr-seeds"
+
+
+def test_read_seed_file_official_formats(tmp_path):
+    from buffers import SeedFileError, read_seed_file
+    triplets = read_seed_file(SEEDS_DIR / "3b_coder_seed_io.jsonl")
+    assert len(triplets) == 2 * 256 and {t.task_type for t in triplets} == {"deduction", "abduction"}
+    assert triplets[0].program == triplets[1].program and triplets[0].input == triplets[1].input
+    induction = read_seed_file(SEEDS_DIR / "3b_coder_code_f_seed_io.jsonl")
+    assert len(induction) == 256 and all(t.task_type == "induction" and t.inputs for t in induction)
+    for text, message in [("", "holds no tasks"), ('{"snippet": "def f(a): return a"}\n', "missing field 'input'"),
+                          ("not json\n", "line 1: not an AZR seed task"),
+                          ('{"snippet": "x", "inputs": "1"}\n', "inputs must be a list of strings")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(SeedFileError, match=message):
+            read_seed_file(bad)
+    with pytest.raises(SeedFileError, match="cannot read seed file"):
+        read_seed_file(tmp_path / "missing.jsonl")

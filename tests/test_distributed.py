@@ -56,8 +56,10 @@ def test_accelerate_launch_two_processes_then_resume_in_one(formatted_tiny_dir, 
     from test_azr import metrics, tiny_args
 
     run_dir = tmp_path / "run"
-    proc = run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    # `python -m accelerate.commands.launch` is `accelerate launch` without needing the console script on PATH
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()),
                 str(REPO / "azr.py"), *tiny_args(formatted_tiny_dir, run_dir, 1)], tmp_path)
     assert "x 2 process(es)" in proc.stdout
     rows = metrics(run_dir)

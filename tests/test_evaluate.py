@@ -9,7 +9,7 @@ import pytest
 import evaluate as E
 from sandbox import Sandbox
 
-CRUXEVAL = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
+CRUXEVAL = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 
 # Hand-written CRUXEval-style items (the real file is not needed for scoring tests).
 ITEMS = [
@@ -125,7 +125,6 @@ def test_score_rejects_bad_calls(sb):
         E.score("mbpp", [], [], sb)
 
 
-@pytest.mark.skipif(not CRUXEVAL.exists(), reason="CRUXEval data not found beside the repo")
 def test_load_cruxeval_and_reference_answers_score_perfectly(sb):
     items = E.load_items("cruxeval-o", str(CRUXEVAL), 20)
     assert len(items) == 20 and {"id", "code", "input", "output"} <= set(items[0])

@@ -91,11 +91,11 @@ def test_custom_task_type_end_to_end_without_a_model():
     from buffers import Buffers
     from prompts import parse_answer, parse_proposal, propose_prompt, solve_prompt
     from rewards import check_answers, validate_proposals
-    from sandbox import FORBIDDEN_MODULES, Sandbox
+    from sandbox import Sandbox
 
     buffers = Buffers(["deduction", "typeof"])
     assert buffers["typeof"].tasks[0].output == "str"
-    assert "(none)" not in propose_prompt("typeof", buffers["typeof"].tasks, FORBIDDEN_MODULES)
+    assert "(none)" not in propose_prompt("typeof", buffers["typeof"].tasks)
     text = ("<think>Mixed types.</think><answer>```python\ndef f(xs):\n    return {x: len(str(x)) for x in xs}\n```\n"
             "```input\n[1, 'ab']\n```</answer>")
     proposals = [parse_proposal("typeof", text),

@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 
 import prompts
 from buffers import TASK_TYPES, Task, seed_task
-from prompts import (ANSWER_PARSERS, SOLVER_PREFIX, Answer, Proposal, chat, clean_program, parse_answer, parse_proposal,
-                     propose_prompt, register_task_type, solve_prompt, tags_ok)
+from prompts import (ANSWER_PARSERS, BANNED_WORDS, R1_INSTRUCTION, RESPONSE_PREFIX, Answer, Proposal, clean_program,
+                     parse_answer, parse_proposal, propose_prompt, register_task_type, rename_entry, render,
+                     solve_prompt, tags_ok)
 
-CRUX = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
+CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 BANNED = ("os", "sys", "subprocess")
 
 
@@ -21,23 +22,23 @@ def wrap(body: str, think: str = "reasoning") -> str:
 
 # ----------------------------------------------------------------------------- rendering
 
-def test_propose_io_prompts_show_references_and_banned_modules():
+def test_propose_io_prompts_show_references_and_banned_words():
     refs = [seed_task("deduction"), Task("deduction", "def f(x):\n    return x * 3", "2", "6")]
     for tt in ("deduction", "abduction"):
         p = propose_prompt(tt, refs, BANNED)
-        assert "```python\ndef f(x):\n    return x * 3\n```\n```input\n2\n```\n```output\n6\n```" in p
-        assert "os, sys, subprocess" in p and "<think>" in p and "<answer>" in p
-        assert "### Reference 2" in p and "```input" in p
-        assert len(p) < 2000
-    assert "output" in propose_prompt("deduction", refs, BANNED).split("\n")[1]
-    assert "input from" in propose_prompt("abduction", refs, BANNED).split("\n")[1]
+        assert "<snippet_1>\n```python\ndef f(x):\n    return x * 3\n```\n```input\n2\n```\n```output\n6\n```\n</snippet_1>" in p
+        assert "even in comments: os, sys, subprocess" in p and "```input" in p and "### Reference Code Snippets" in p
+        assert "<think>" not in p         # the template asks for the tags
+    assert "deduce the output from the input" in propose_prompt("deduction", refs)
+    assert "one possible input from a given output" in propose_prompt("abduction", refs)
+    assert ", ".join(BANNED_WORDS) in propose_prompt("deduction", refs)      # the short list by default
     assert "(none)" in propose_prompt("deduction", [], ())
 
 
 def test_propose_induction_prompt_uses_program():
     prog = Task("deduction", "def f(s):\n    return s[::-1]", "'ab'", "'ba'")
     p = propose_prompt("induction", [seed_task("deduction")], BANNED, program=prog, num_inputs=10)
-    assert "return s[::-1]" in p and "10 diverse inputs" in p and "```message" in p and "```input" in p
+    assert "return s[::-1]" in p and "design 10 inputs" in p and "```message" in p and "```input" in p
     assert "return a" not in p
     assert "return a" in propose_prompt("induction", [seed_task("deduction")], BANNED)   # falls back to a reference
     with pytest.raises(ValueError):
@@ -58,12 +59,11 @@ def test_solve_prompts():
     assert "multiplies" in p and "return x * 7" not in p and "```python" in p
 
 
-@pytest.mark.skipif(not CRUX.exists(), reason="CRUXEval data absent")
 def test_prompts_on_cruxeval_triplets():
     rows = [json.loads(line) for line in CRUX.read_text().splitlines()[:6]]
     refs = [Task("deduction", r["code"], r["input"], r["output"]) for r in rows]
     p = propose_prompt("deduction", refs, BANNED)
-    assert all(r["code"] in p for r in rows) and p.count("### Reference") == 6
+    assert all(r["code"] in p for r in rows) and p.count("</snippet_") == 6
     s = solve_prompt(refs[0])
     assert rows[0]["input"] in s and rows[0]["output"] not in s
 
@@ -81,26 +81,40 @@ def _tokenizer(with_template: bool):
     return t
 
 
-def test_chat_with_and_without_template():
+def test_render_templates():
     prompt = "## Task: hello\n```python\ndef f(a):\n    return a\n```"
-    out = chat(_tokenizer(True), prompt)
-    assert out == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    assert chat(_tokenizer(False), prompt) == prompt
-    assert chat(None, prompt) == prompt
-    assert chat(_tokenizer(True), prompt, SOLVER_PREFIX) == out + "<think>\n"
-    assert chat(None, prompt, SOLVER_PREFIX) == prompt + "<think>\n"
+    r1 = render(_tokenizer(True), prompt, "r1")
+    assert r1 == f"{R1_INSTRUCTION} User: {prompt}\nAssistant: <think>\n" and r1.endswith(RESPONSE_PREFIX)
+    chat = render(_tokenizer(True), prompt, "chat")
+    assert chat == (f"<|im_start|>system\n{R1_INSTRUCTION}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+                    f"<|im_start|>assistant\n<think>\n")
+    assert render(_tokenizer(False), prompt, "chat") == r1 == render(None, prompt)   # no chat template: r1
+    with pytest.raises(ValueError):
+        render(None, prompt, "alpaca")
+
+
+def test_rename_entry_follows_azr():
+    assert rename_entry("def g(x):\n    return g(x - 1) if x else 0") == "def f(x):\n    return f(x - 1) if x else 0"
+    assert rename_entry("import math\ndef solve(a):\n    return obj.solve(a)") == \
+        "import math\ndef f(a):\n    return obj.solve(a)"           # attributes keep their name
+    for unchanged in ("def g(x):\n    return 1\ndef h(y):\n    return 2",    # two functions: which one?
+                      "def f(x):\n    return x", "f = 1\ndef g(x):\n    return f", "def g(:"):
+        assert rename_entry(unchanged) == unchanged
+    p = parse_proposal("deduction", wrap("```python\ndef solve(n):\n    return n + 1\n```\n```input\n1\n```"))
+    assert p.program == "def f(n):\n    return n + 1" and p.well_formatted
 
 
 def test_bare_answers_inside_answer_tags():
     # the response continues the prefilled <think>: no opening tag of its own, AZR's bare <answer>literal</answer>
-    a = parse_answer("deduction", "trace...\n</think>\n<answer>[1, 2]</answer>")
+    a = parse_answer("deduction", RESPONSE_PREFIX + "trace...\n</think>\n<answer>[1, 2]</answer>")
     assert a.text == "[1, 2]" and a.well_formatted and a.error is None
-    a = parse_answer("abduction", "x</think><answer> 'ab', 3 </answer>")
+    a = parse_answer("abduction", RESPONSE_PREFIX + "x</think><answer> 'ab', 3 </answer>")
     assert a.text == "'ab', 3" and a.well_formatted
-    assert parse_answer("deduction", "x</think><answer>   </answer>").error          # empty is not an answer
-    assert not parse_answer("deduction", "x</think><answer>4</answer><answer>5</answer>").well_formatted
+    assert parse_answer("deduction", "<think>x</think><answer>   </answer>").error          # empty is not an answer
+    a = parse_answer("deduction", "<think>x</think><answer>4</answer><answer>5</answer>")   # the last answer counts
+    assert a.text == "5" and a.well_formatted
     assert parse_answer("induction", "x</think><answer>def f(a): return a</answer>").error   # programs need a block
-    a = parse_answer("deduction", "x</think><answer>\n```output\n7\n```\n</answer>")      # the fenced form first
+    a = parse_answer("deduction", "<think>x</think><answer>\n```output\n7\n```\n</answer>")   # the fenced form first
     assert a.text == "7" and a.well_formatted
 
 
@@ -134,11 +148,11 @@ def test_last_block_inside_answer_wins_and_fallback_to_whole_text():
     bare = "```python\ndef f(x):\n    return 3\n```\n```input\n4\n```"
     p = parse_proposal("abduction", bare)
     assert p.program.endswith("return 3") and p.input == "4" and not p.error and not p.well_formatted
-    # several <answer> regions: the last one is used
+    # several <answer> regions: the last one is used; AZR's check only reads the start, so it is well formatted
     two = wrap("```python\ndef f(x):\n    return 5\n```\n```input\n5\n```") + "<answer>```python\ndef f(x):\n" \
         "    return 6\n```\n```input\n6\n```</answer>"
     p = parse_proposal("deduction", two)
-    assert p.program.endswith("return 6") and not p.well_formatted
+    assert p.program.endswith("return 6") and p.well_formatted
 
 
 def test_missing_parts_give_reasons():
@@ -159,6 +173,9 @@ def test_clean_program_drops_top_level_calls():
     keep = "def f(x):\n    return x  # kept comment"
     assert clean_program(keep) == keep
     assert clean_program("def f(:\n") == "def f(:"
+    test_code = ("K = 3\ndef f(a):\n    return a * K\nx = 'John', {'age': 20}\nresult = f(x)\n"
+                 "def helper(y):\n    return y\nclass C:\n    pass\n")
+    assert clean_program(test_code) == "K = 3\n\ndef f(a):\n    return a * K\n\ndef helper(y):\n    return y\n\nclass C:\n    pass"
 
 
 def test_parse_induction_proposal():
@@ -179,8 +196,9 @@ def test_parse_answer_good():
     assert parse_answer("abduction", wrap("```input\n'a', 3\n```")) == Answer("'a', 3", True)
     a = parse_answer("induction", wrap("```python\ndef f(x):\n    return x\nprint(f(1))\n```"))
     assert a == Answer("def f(x):\n    return x", True)
-    # generation started after a pre-filled "<think>" in the prompt: no opening tag
-    assert parse_answer("deduction", "reason</think><answer>```output\n1\n```</answer>").well_formatted
+    # generation started after the template's "<think>": the parsers see it in front of the response
+    assert parse_answer("deduction", RESPONSE_PREFIX + "reason</think><answer>```output\n1\n```</answer>").well_formatted
+    assert not parse_answer("deduction", "reason</think><answer>```output\n1\n```</answer>").well_formatted
 
 
 def test_parse_answer_strict_format():
@@ -190,9 +208,9 @@ def test_parse_answer_strict_format():
     assert a.error is None and a.well_formatted and a.text == "5"
     a = parse_answer("deduction", wrap("```input\n5\n```"))                  # wrong block kind
     assert a.error and a.text == ""
-    a = parse_answer("deduction", wrap("```output\n5\n```") + " trailing")
-    assert a.text == "5" and not a.well_formatted
-    a = parse_answer("deduction", "<think>a</think><think>b</think><answer>```output\n5\n```</answer>")
+    a = parse_answer("deduction", wrap("```output\n5\n```") + " trailing")    # AZR's check reads the start
+    assert a.text == "5" and a.well_formatted
+    a = parse_answer("deduction", "<think>a</think>x<answer>```output\n5\n```</answer>")
     assert a.text == "5" and not a.well_formatted
     assert not parse_answer("abduction", "<answer>```input\n1\n```</answer>").well_formatted   # no </think>
 
@@ -210,12 +228,15 @@ def test_parse_answer_lenient():
 
 
 def test_tags_ok():
+    """AZR's check: the response, with its "<think>" prefix, starts <think>...</think> <answer>...</answer>."""
     assert tags_ok("<think>a</think><answer>b</answer>")
-    assert tags_ok("  a </think>\n<answer>b</answer>\n")
+    assert tags_ok("  <think>\na </think>\n<answer>b</answer>\n")
+    assert tags_ok("<think>a</think><answer>b</answer> and then more")
+    assert not tags_ok("a </think>\n<answer>b</answer>")          # no <think> at the start
     assert not tags_ok("<answer>b</answer>")
     assert not tags_ok("<think>a</think>x<answer>b</answer>")       # text between think and answer
-    assert not tags_ok("<think>a</think><answer>b</answer><answer>c</answer>")
     assert not tags_ok("<think>a</think><answer>b")
+    assert not tags_ok("x<think>a</think><answer>b</answer>")
 
 
 HOSTILE = [

@@ -9,12 +9,12 @@ import pytest
 
 from buffers import Task, seed_task
 from prompts import Answer, Proposal, parse_answer, parse_proposal
-from rewards import (INVALID_PROPOSAL_REWARD, RULES, TaskRules, check_answers, combined_proposer_reward,
+from rewards import (INVALID_PROPOSAL_REWARD, RULES, TaskRules, check_answers,
                      complexity_reward, diversity_reward, literal_args, normalize_input, proposer_reward,
                      register_rules, similarity, solver_reward, validate_proposals)
 from sandbox import Sandbox
 
-CRUX = Path(__file__).resolve().parents[2] / "shared/data/cruxeval/cruxeval.jsonl"
+CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 
 
 class CountingSandbox:
@@ -61,10 +61,10 @@ ADDRESS = "def f(x):\n    return id(object()) % 1000003"   # differs between pro
 def test_proposer_reward_paper_and_code_extremes():
     assert proposer_reward(0.25) == pytest.approx(0.75)
     assert proposer_reward(0.5) == 0.5 and proposer_reward(7 / 8) == pytest.approx(1 / 8)
-    assert proposer_reward(0.0) == 0.0 and proposer_reward(1.0) == 0.0            # paper Eq. 4
-    assert proposer_reward(0.0, extreme_reward=-0.5) == -0.5                      # official code
-    assert proposer_reward(1.0, extreme_reward=-0.5) == -0.5
-    assert proposer_reward(0.5, extreme_reward=-0.5) == 0.5
+    assert proposer_reward(0.0) == -0.5 and proposer_reward(1.0) == -0.5          # official code (default)
+    assert proposer_reward(0.0, extreme_reward=0.0) == 0.0                        # paper Eq. 4
+    assert proposer_reward(1.0, extreme_reward=0.0) == 0.0
+    assert proposer_reward(0.5, extreme_reward=0.0) == 0.5
     assert INVALID_PROPOSAL_REWARD == -1.0
 
 
@@ -91,15 +91,6 @@ def test_diversity_and_complexity():
     assert complexity_reward(Task("deduction", "def f(:")) == 0.0
     huge = Task("deduction", "def f(x):\n" + "".join(f"    x = x + {i}\n" for i in range(200)) + "    return x")
     assert complexity_reward(huge) == 1.0
-
-
-def test_combined_proposer_reward_defaults_to_learnability():
-    t, others = Task("deduction", DOUBLE, "3", "6"), [seed_task("deduction")]
-    assert combined_proposer_reward(0.25, t, others) == pytest.approx(0.75)
-    assert combined_proposer_reward(1.0, t, others, extreme_reward=-0.5) == -0.5
-    r = combined_proposer_reward(0.25, t, others, diversity_weight=0.5, complexity_weight=0.1)
-    assert r == pytest.approx(0.75 + 0.5 * diversity_reward(t, others) + 0.1 * complexity_reward(t))
-    assert combined_proposer_reward(0.5, None) == INVALID_PROPOSAL_REWARD
 
 
 def test_literal_args_and_normalize_input():
@@ -142,29 +133,29 @@ def test_validate_hard_failures(sb):
     assert "nondeterministic" in out[3].reason and "forbidden import: os" in out[1].reason
 
 
-def test_validate_soft_failures_and_force_accept(sb):
+def test_validate_admits_like_the_official_code_and_strict_checks_are_an_option(sb):
     existing = [Task("deduction", DOUBLE, "5", "10")]
     props = [
         parse_proposal("deduction", f"```python\n{DOUBLE}\n```\n```input\n1\n```"),   # no tags
         parse_proposal("deduction", io_text("def f(x):\n    return x*2  # same", "5")),  # duplicate of buffer
-        parse_proposal("deduction", io_text("def f(a, b):\n    return a", "'q'")),     # trivial: output == input
+        parse_proposal("deduction", io_text("def f(a):\n    return a", "'q'")),       # trivial: output == input
         parse_proposal("deduction", io_text("def f(*a):\n    return a", "1, 2")),      # trivial for several args
         parse_proposal("deduction", io_text(DOUBLE, "7")),                             # fine
         parse_proposal("deduction", io_text(DOUBLE, "7")),                             # duplicate within batch
         parse_proposal("deduction", io_text("class A:\n    pass\ndef f(x):\n    return A", "1")),  # not literal
     ]
-    props[2] = parse_proposal("deduction", io_text("def f(a):\n    return a", "'q'"))
-    strict = validate_proposals(sb, "deduction", props, 3, existing=existing)
-    assert [v.valid for v in strict] == [False, False, False, False, True, False, False]
-    reasons = [v.reason or "" for v in strict]
-    assert "format" in reasons[0] and reasons[1] == "duplicate" and "trivial" in reasons[2]
-    assert "trivial" in reasons[3] and reasons[5] == "duplicate" and "literal" in reasons[6]
-    assert not any(v.hard for v in strict)
-    forced = validate_proposals(sb, "deduction", props, 3, existing=existing, force_accept=True)
+    assert not props[0].well_formatted and all(p.well_formatted for p in props[1:])
+    default = validate_proposals(sb, "deduction", props, 3, existing=existing)
+    assert all(v.valid for v in default) and not any(v.hard or v.force_accepted for v in default)
+    reasons = [v.reason or "" for v in default]     # reported, not enforced; the format is not a check at all
+    assert reasons[0] == "" and reasons[1] == "duplicate" and "trivial" in reasons[2]
+    assert "trivial" in reasons[3] and reasons[4] == "" and reasons[5] == "duplicate" and "literal" in reasons[6]
+    strict = validate_proposals(sb, "deduction", props, 3, existing=existing, strict=True)
+    assert [v.valid for v in strict] == [True, True, False, False, True, True, False]   # duplicates stay valid
+    assert [v.reason for v in strict] == [v.reason for v in default]
+    forced = validate_proposals(sb, "deduction", props, 3, existing=existing, strict=True, force_accept=True)
     assert all(v.valid for v in forced)
-    assert [v.force_accepted for v in forced] == [True, True, True, True, False, True, True]
-    assert [v.reason for v in forced] == [v.reason for v in strict]
-    assert sum(v.force_accepted for v in forced) == 6      # the count the loop logs
+    assert [v.force_accepted for v in forced] == [False, False, True, True, False, False, True]
 
 
 def test_validate_induction_rule(sb):
@@ -196,10 +187,11 @@ def test_validate_induction_rule(sb):
 def test_validate_induction_soft(sb):
     const = parse_proposal("induction", ind_text([str(i) for i in range(10)]), program="def f(x):\n    return 0")
     nomsg = parse_proposal("induction", ind_text([str(i) for i in range(10)], message=None), program=DOUBLE)
-    out = validate_proposals(sb, "induction", [const, nomsg], 0)
+    out = validate_proposals(sb, "induction", [const, nomsg], 0, strict=True)
     assert [v.valid for v in out] == [False, False]
     assert "trivial" in out[0].reason and out[1].reason == "no message"
-    out = validate_proposals(sb, "induction", [const, nomsg], 0, force_accept=True)
+    assert all(v.valid for v in validate_proposals(sb, "induction", [const, nomsg], 0))   # admitted by default
+    out = validate_proposals(sb, "induction", [const, nomsg], 0, strict=True, force_accept=True)
     assert all(v.valid and v.force_accepted for v in out)
     seeded = seed_task("induction")
     dup = parse_proposal("induction", ind_text(seeded.inputs), program=seeded.program)
@@ -255,6 +247,11 @@ def test_check_induction_all_held_out_must_match(sb):
     got = check_answers(sb, [IND] * 6, [right, shown_only, almost, crashes, banned, ans("")], num_shown=5)
     assert got == [True, False, False, False, False, False]
     assert sb.batches == [(12, 2)]                 # 3 held-out inputs x 4 screened programs, one batch
+
+
+def test_check_induction_renames_a_lone_function_to_f(sb):
+    renamed = ans("def triple(x):\n    return triple_of(x)\ndef triple_of(x):\n    return x * 3")   # two: not renamed
+    assert check_answers(sb, [IND, IND], [ans("def triple(x):\n    return x * 3"), renamed]) == [True, False]
 
 
 def test_check_induction_rejects_fake_literal_objects(sb):
@@ -338,10 +335,10 @@ def test_validate_existing_may_be_a_task_buffer(sb):
     b = Buffers()
     p = parse_proposal("deduction", io_text("def f(a):\n    return a", "'Hello world'"))
     (v,) = validate_proposals(sb, "deduction", [p], 0, existing=b["deduction"])
-    assert not v.valid and v.reason == "duplicate"
+    assert v.valid and v.reason == "duplicate"
+    assert b["deduction"].add([v.task]) == 0          # the buffer keeps it out
 
 
-@pytest.mark.skipif(not CRUX.exists(), reason="CRUXEval data absent")
 def test_real_sandbox_cruxeval_round_trip(real_sb):
     rows = [json.loads(line) for line in CRUX.read_text().splitlines()[:40]]
     props = [parse_proposal("deduction", io_text(r["code"], r["input"])) for r in rows]

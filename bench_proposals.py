@@ -1,0 +1,116 @@
+"""bench_proposals.py — what makes the model write valid tasks? A probe of the proposer prompt, per cell.
+
+Each cell is a template x sampling setting x reference source. It samples `--samples` proposals (split evenly over
+deduction, abduction, induction) through the loop's own code: propose_prompt, render, generate, parse_proposal
+and validate_proposals in the real sandbox. It prints, per cell and task type, how many proposals were valid
+(admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and why the others failed.
+
+    python bench_proposals.py                                  # default model, the cells below, 24 samples each
+    python bench_proposals.py --cells r1:1.0:1.0:identity chat:0.6:0.95:identity --samples 48
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import model as models
+from buffers import TASK_TYPES, Buffers, read_seed_file
+from generation import generate
+from prompts import RESPONSE_PREFIX, Proposal, parse_proposal, propose_prompt, render
+from rewards import validate_proposals
+from sandbox import Sandbox
+
+SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
+DEFAULT_CELLS = ["r1:1.0:1.0:identity", "chat:1.0:1.0:identity", "r1:0.6:0.95:identity", "chat:0.6:0.95:identity",
+                 "r1:1.0:1.0:seed-file"]
+
+
+def reference_buffers(source: str, sb: Sandbox) -> Buffers:
+    """The identity seed only, or the shipped official seed tasks (validated like the loop's --seed-file)."""
+    buffers = Buffers(TASK_TYPES)
+    if source == "seed-file":
+        loaded = [t for path in SEED_FILES for t in read_seed_file(Path(__file__).parent / path)]
+        for task_type in TASK_TYPES:
+            proposals = [Proposal(program=t.program, input=t.input, inputs=t.inputs, message=t.message)
+                         for t in loaded if t.task_type == task_type]
+            buffers[task_type].add([r.task for r in validate_proposals(sb, task_type, proposals, -1) if r.valid])
+    return buffers
+
+
+def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int) -> dict:
+    template, temperature, top_p, source, *form = cell.split(":")
+    rng = random.Random(seed)
+    buffers = reference_buffers(source, sb)
+    pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
+    jobs = []
+    for i in range(samples):
+        task_type = TASK_TYPES[i % 3]
+        program = rng.choice(pool)
+        jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
+                                                        program=program, answer_form=form == ["form"])))
+    t0 = time.perf_counter()
+    out = generate(policy, tokenizer, [render(tokenizer, text, template) for _, _, text in jobs], max_new_tokens,
+                   temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    for task_type in TASK_TYPES:
+        mine = [(program, g) for (t, program, _), g in zip(jobs, out) if t == task_type]
+        proposals = [parse_proposal(task_type, RESPONSE_PREFIX + g.text, program=program.program)
+                     for program, g in mine]
+        results = validate_proposals(sb, task_type, proposals, 1, existing=buffers[task_type])
+        rows[task_type] = {
+            "n": len(mine), "valid": sum(r.valid for r in results),
+            "well_formatted": sum(p.well_formatted for p in proposals),
+            "valid_and_formatted": sum(r.valid and p.well_formatted for r, p in zip(results, proposals)),
+            "cap_hits": sum(g.truncated for _, g in mine),
+            "failures": Counter(reason_kind(r.reason) for r in results if not r.valid).most_common(),
+        }
+    tokens = sum(len(g.response_ids) for g in out)
+    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens, "types": rows,
+            "examples": [g.text[:1500] for g in out[:3]]}
+
+
+def reason_kind(reason: str | None) -> str:
+    """The failure reason without its details (the first clause)."""
+    return (reason or "").split(":")[0].split(" (")[0][:60]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS,
+                        help="template:temperature:top_p:references[:form], references identity or seed-file, "
+                             "form = the proposer prompt ends with the answer form")
+    parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the three types")
+    parser.add_argument("--max-new-tokens", type=int, default=384)
+    parser.add_argument("--references", type=int, default=2, help="K reference tasks per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/bench_proposals.json")
+    args = parser.parse_args()
+    models.set_torch_threads()
+    policy, tokenizer = models.load_policy(args.model)
+    report = []
+    with Sandbox() as sb:
+        for cell in args.cells:
+            import torch
+            torch.manual_seed(args.seed)
+            row = run_cell(policy, tokenizer, sb, cell, args.samples, args.max_new_tokens, args.references, args.seed)
+            report.append(row)
+            total = {k: sum(r[k] for r in row["types"].values()) for k in ("n", "valid", "well_formatted",
+                                                                            "valid_and_formatted", "cap_hits")}
+            print(f"{cell:28s} valid {total['valid']:2d}/{total['n']}  formatted {total['well_formatted']:2d}  "
+                  f"valid+formatted {total['valid_and_formatted']:2d}  cap hits {total['cap_hits']:2d}  "
+                  f"{row['tokens'] / row['seconds']:.0f} tok/s  {row['seconds']:.0f}s", flush=True)
+            for task_type, r in row["types"].items():
+                print(f"    {task_type:10s} valid {r['valid']}/{r['n']} formatted {r['well_formatted']} "
+                      f"cap {r['cap_hits']}  failures {r['failures']}", flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
