@@ -593,10 +593,9 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
     m["time/total"] = total
     m["tokens_per_second"] = timer.tokens / max(timer.seconds["generation"], 1e-9)
     g = timer.generation
-    m.update({"generation/useful_tokens": g.useful_tokens,
-              "generation/computed_tokens": g.prefill_tokens + g.decode_tokens,
-              "generation/useful_share_of_decode": g.useful_tokens / max(g.decode_tokens, 1),
-              "time/prefill": g.prefill_seconds, "time/decode": g.decode_seconds})
+    m.update({"generation/useful_tokens": g.useful_tokens, "generation/prefill_tokens": g.prefill_tokens,
+              "generation/decode_tokens": g.decode_tokens,
+              "generation/useful_share_of_decode": g.useful_tokens / max(g.decode_tokens, 1)})
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cuda":
         m["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30

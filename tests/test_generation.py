@@ -1,11 +1,11 @@
-"""The one generation function: same greedy text as plain `model.generate`, no computed token wasted."""
+"""The one generation function: stops, truncation, greedy determinism and its cost accounting."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from buffers import Task
-from generation import GenerationStats, generate, generate_padded, stop_token_ids
+from generation import GenerationStats, _stop_check, generate, stop_token_ids
 from prompts import render, solve_prompt
 
 
@@ -18,48 +18,41 @@ def tiny(tiny_model_dir):
 
 
 def prompts_mix(tokenizer) -> list[str]:
-    """Learnability-like repeats of one prompt, prompts sharing the template, and short unrelated ones."""
+    """Repeats of one prompt (as for learnability), prompts sharing the template, and short unrelated ones."""
     tasks = [Task("deduction", "def f(a):\n    return a * 2", "3", "6"),
              Task("abduction", "def f(s):\n    return s[::-1]", "'ab'", "'ba'")]
     solver = [render(tokenizer, solve_prompt(t)) for t in tasks]
-    return [solver[0]] * 4 + [solver[1]] * 3 + ["def f(x):", "hello", "0123456789 ()[]{}"]
+    return [solver[0]] * 3 + [solver[1]] * 2 + ["def f(x):", "hello", "0123456789 ()[]{}"]
 
 
-def test_greedy_matches_model_generate(tiny):
+def test_greedy_is_deterministic_and_in_prompt_order(tiny):
     model, tokenizer = tiny
     prompts = prompts_mix(tokenizer)
-    ours = generate(model, tokenizer, prompts, 24, temperature=0.0, batch_size=4)
-    reference = generate_padded(model, tokenizer, prompts, 24, temperature=0.0, batch_size=1)   # no padding at all
-    assert [g.response_ids for g in ours] == [g.response_ids for g in reference]
-    assert [g.text for g in ours] == [g.text for g in reference]
-    assert [g.truncated for g in ours] == [g.truncated for g in reference]
+    a = generate(model, tokenizer, prompts, 16, temperature=0.0, batch_size=3)
+    b = generate(model, tokenizer, prompts[::-1], 16, temperature=0.0, batch_size=3)[::-1]
+    assert [g.prompt_ids for g in a] == [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    one = generate(model, tokenizer, [prompts[0]], 16, temperature=0.0, batch_size=1)[0]
+    assert a[0].response_ids == a[1].response_ids == a[2].response_ids == one.response_ids
+    assert [g.text for g in a] == [g.text for g in b]
 
 
-def test_no_decode_step_is_wasted_and_shared_prefixes_count_once(tiny):
-    model, tokenizer = tiny
-    prompts = prompts_mix(tokenizer)
-    ours, padded = GenerationStats(), GenerationStats()
-    torch.manual_seed(0)
-    out = generate(model, tokenizer, prompts, 24, temperature=1.0, batch_size=16, stats=ours)
-    generate_padded(model, tokenizer, prompts, 24, temperature=1.0, batch_size=16, stats=padded)
-    assert ours.useful_tokens == sum(len(g.response_ids) for g in out) == ours.decode_tokens
-    assert ours.prefill_tokens < sum(len(g.prompt_ids) for g in out) < padded.prefill_tokens
-    assert padded.decode_tokens >= padded.useful_tokens
-
-
-def test_stops_and_truncation(tiny):
+def test_stops_truncation_and_costs(tiny):
     model, tokenizer = tiny
     stops = stop_token_ids(model, tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops and tokenizer.pad_token_id in stops
+    stats = GenerationStats()
     torch.manual_seed(0)
-    for g in generate(model, tokenizer, prompts_mix(tokenizer), 6, temperature=1.0, top_p=0.9, batch_size=3):
+    out = generate(model, tokenizer, prompts_mix(tokenizer), 6, temperature=1.0, top_p=0.9, batch_size=3,
+                   stats=stats)
+    for g in out:
         assert 1 <= len(g.response_ids) <= 6
         assert g.truncated == (len(g.response_ids) == 6 and g.response_ids[-1] not in stops)
         assert all(t not in stops for t in g.response_ids[:-1])      # cut after the first stop token
+    assert stats.useful_tokens == sum(len(g.response_ids) for g in out) <= stats.decode_tokens
+    assert stats.prefill_tokens >= sum(len(g.prompt_ids) for g in out) and stats.seconds > 0
 
 
 def test_a_response_ends_at_its_closing_answer_tag(tiny):
-    from generation import _stop_check
     model, tokenizer = tiny
     finished = _stop_check(tokenizer, set(stop_token_ids(model, tokenizer)))
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
