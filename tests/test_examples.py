@@ -104,9 +104,11 @@ def test_custom_task_type_end_to_end_without_a_model():
                  parse_proposal("typeof", "<think>x</think><answer>```python\nclass A:\n    def __repr__(self):\n"
                                           "        return '1'\ndef f(a):\n    return A()\n```\n```input\n3\n```</answer>")]
     with Sandbox(workers=1) as sb:
-        results = validate_proposals(sb, "typeof", proposals, iteration=1)
+        results = validate_proposals(sb, "typeof", proposals, iteration=1, strict=True)
         assert results[0].valid and results[0].task.output == "dict"
         assert not results[1].valid and "trivial" in results[1].reason
+        lax = validate_proposals(sb, "typeof", proposals, iteration=1)      # the default admits, and says why
+        assert lax[1].valid and "trivial" in lax[1].reason and not lax[2].valid
         assert not results[2].valid and "literal" in results[2].reason
         task = results[0].task
         assert "```input\n[1, 'ab']\n```" in solve_prompt(task)
