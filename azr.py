@@ -530,7 +530,7 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.tokens = 0
-        self.generation = GenerationStats()     # this process's prefill/decode cost
+        self.generation = GenerationStats()     # positions this process computed in prefill and decode
         self.start = time.perf_counter()
 
     def __call__(self, phase: str) -> "_Phase":

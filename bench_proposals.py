@@ -17,10 +17,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+import azr
 import model as models
-from buffers import TASK_TYPES, Buffers, read_seed_file
+from buffers import TASK_TYPES, Buffers
 from generation import generate
-from prompts import RESPONSE_PREFIX, Proposal, parse_proposal, propose_prompt, render
+from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render
 from rewards import validate_proposals
 from sandbox import Sandbox
 
@@ -30,14 +33,10 @@ DEFAULT_CELLS = ["r1:1.0:1.0:identity", "chat:1.0:1.0:identity", "r1:0.6:0.95:id
 
 
 def reference_buffers(source: str, sb: Sandbox) -> Buffers:
-    """The identity seed only, or the shipped official seed tasks (validated like the loop's --seed-file)."""
+    """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
     buffers = Buffers(TASK_TYPES)
     if source == "seed-file":
-        loaded = [t for path in SEED_FILES for t in read_seed_file(Path(__file__).parent / path)]
-        for task_type in TASK_TYPES:
-            proposals = [Proposal(program=t.program, input=t.input, inputs=t.inputs, message=t.message)
-                         for t in loaded if t.task_type == task_type]
-            buffers[task_type].add([r.task for r in validate_proposals(sb, task_type, proposals, -1) if r.valid])
+        azr.load_seed_files(sb, buffers, azr.Config(seed_file=[str(Path(__file__).parent / p) for p in SEED_FILES]))
     return buffers
 
 
@@ -96,7 +95,6 @@ def main() -> None:
     report = []
     with Sandbox() as sb:
         for cell in args.cells:
-            import torch
             torch.manual_seed(args.seed)
             row = run_cell(policy, tokenizer, sb, cell, args.samples, args.max_new_tokens, args.references, args.seed)
             report.append(row)
