@@ -41,6 +41,7 @@ from generation import GenerationStats, generate
 from prompts import (
     DEFAULT_TEMPLATE,
     PROPOSE_PROMPTS,
+    PROPOSER_PROMPTS,
     RESPONSE_PREFIX,
     TEMPLATES,
     Proposal,
@@ -101,7 +102,7 @@ class Config:
     template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template: r1 (AZR's plain R1 conversation) or chat (the tokenizer's chat template)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for all rollouts (paper: 1.0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for rollouts (paper: 1.0)"})
-    proposer_answer_form: bool = field(default=False, metadata={"help": "end proposer prompts with the answer form spelled out (tags and blocks), as the solver prompts do; the official prompts do not"})
+    proposer_prompt: str = field(default="official", metadata={"help": "proposer prompt: official (the official wording), form (official, ending with the answer form spelled out as the solver prompts do), compact (a short prompt for small models)"})
     max_new_tokens_propose: int = field(default=1024, metadata={"help": "response cap for proposer rollouts"})
     max_new_tokens_solve: int = field(default=1024, metadata={"help": "response cap for solver rollouts"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
@@ -171,6 +172,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
     if not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.proposer_prompt not in PROPOSER_PROMPTS:
+        raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, got {cfg.proposer_prompt}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:
@@ -353,7 +356,7 @@ def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, itera
             program = rng.choice(pool) if pool else None
             jobs.append((task_type, "propose", propose_prompt(task_type, references, program=program,
                                                               num_inputs=cfg.induction_inputs,
-                                                              answer_form=cfg.proposer_answer_form)))
+                                                              style=cfg.proposer_prompt)))
             programs.append(program)
     samples = rollouts(policy, tokenizer, jobs, cfg.max_new_tokens_propose, cfg, f"propose  it{iteration}", timer)
     new_tasks: dict[str, list[Task]] = {t: [] for t in counts}

@@ -40,7 +40,8 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     return buffers
 
 
-def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int) -> dict:
+def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int,
+             induction_inputs: int) -> dict:
     template, temperature, top_p, source, *form = cell.split(":")
     rng = random.Random(seed)
     buffers = reference_buffers(source, sb)
@@ -50,7 +51,8 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
         task_type = TASK_TYPES[i % 3]
         program = rng.choice(pool)
         jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
-                                                        program=program, answer_form=form == ["form"])))
+                                                        program=program, num_inputs=induction_inputs,
+                                                        style=form[0] if form else "official")))
     t0 = time.perf_counter()
     out = generate(policy, tokenizer, [render(tokenizer, text, template) for _, _, text in jobs], max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
@@ -60,17 +62,19 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
         mine = [(program, g) for (t, program, _), g in zip(jobs, out) if t == task_type]
         proposals = [parse_proposal(task_type, RESPONSE_PREFIX + g.text, program=program.program)
                      for program, g in mine]
-        results = validate_proposals(sb, task_type, proposals, 1, existing=buffers[task_type])
+        results = validate_proposals(sb, task_type, proposals, 1, num_shown=induction_inputs // 2,
+                                      existing=buffers[task_type])
         rows[task_type] = {
             "n": len(mine), "valid": sum(r.valid for r in results),
             "well_formatted": sum(p.well_formatted for p in proposals),
             "valid_and_formatted": sum(r.valid and p.well_formatted for r, p in zip(results, proposals)),
             "cap_hits": sum(g.truncated for _, g in mine),
             "failures": Counter(reason_kind(r.reason) for r in results if not r.valid).most_common(),
+            "samples": [{"response": g.text, "valid": r.valid, "reason": r.reason, "well_formatted": p.well_formatted}
+                        for (_, g), r, p in zip(mine, results, proposals)],
         }
     tokens = sum(len(g.response_ids) for g in out)
-    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens, "types": rows,
-            "examples": [g.text[:1500] for g in out[:3]]}
+    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens, "types": rows}
 
 
 def reason_kind(reason: str | None) -> str:
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the three types")
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--references", type=int, default=2, help="K reference tasks per prompt")
+    parser.add_argument("--induction-inputs", type=int, default=10, help="inputs an induction proposal asks for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/bench_proposals.json")
     args = parser.parse_args()
@@ -96,7 +101,8 @@ def main() -> None:
     with Sandbox() as sb:
         for cell in args.cells:
             torch.manual_seed(args.seed)
-            row = run_cell(policy, tokenizer, sb, cell, args.samples, args.max_new_tokens, args.references, args.seed)
+            row = run_cell(policy, tokenizer, sb, cell, args.samples, args.max_new_tokens, args.references, args.seed,
+                           args.induction_inputs)
             report.append(row)
             total = {k: sum(r[k] for r in row["types"].values()) for k in ("n", "valid", "well_formatted",
                                                                             "valid_and_formatted", "cap_hits")}

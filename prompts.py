@@ -379,6 +379,23 @@ def parse_io_proposal(task_type: str, text: str, program: str = "") -> Proposal:
         return Proposal(error=f"parse error: {type(e).__name__}")
 
 
+def split_input_lines(block: str) -> list[str]:
+    """The inputs in one ```input block: one per line when there are several lines and each alone is the arguments
+    of a call (none ending in a comma), as small models write them; otherwise the whole block is one input.
+    A deviation from the official parser, which takes each block as one input."""
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines
+    for line in lines:
+        try:
+            ast.parse(f"f({line}\n)", mode="eval")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return [block.strip()]
+        if line.endswith(","):
+            return [block.strip()]
+    return lines
+
+
 def parse_induction_proposal(task_type: str, text: str, program: str = "") -> Proposal:
     """Induction proposal: every ```input block (in order) and the last ```message block; the program is the
     buffer program the prompt showed, passed through as `program`."""
@@ -390,7 +407,7 @@ def parse_induction_proposal(task_type: str, text: str, program: str = "") -> Pr
             inputs = _all(whole, "input")
         if msg is None:
             msg = _last(whole, "message")
-        inputs = [i for i in inputs if i]
+        inputs = [line for block in inputs for line in split_input_lines(block)]
         err = None if inputs else "no ```input blocks"
         return Proposal(program=program, inputs=inputs, message=(msg or "").strip(), error=err, well_formatted=well)
     except Exception as e:
@@ -487,12 +504,98 @@ your message
 </answer>"""}
 
 
+# The compact proposer prompts (--proposer-prompt compact): a few lines of rules, the references, and the answer form
+# with an example input of the right shape. A deviation for small models, measured in bench_proposals.py (README).
+_COMPACT_IO = """## Task: Write a new Python function `f` and one input for it
+
+{subject}
+Write a new function, clearly different from the reference programs below, that takes several reasoning steps
+to {goal}: use loops, conditions, strings, lists or dicts.
+
+Rules:
+- the function is named `f`, takes at least one argument and returns a value
+- it is deterministic: no randomness, dates, times, printing, files or network
+- the input is the arguments of one call to `f`, written as Python literals and separated by commas
+
+Reference programs:
+{references}
+
+Reply in exactly this form, with your own function and input:
+<think>
+A plan in one or two sentences.
+</think>
+<answer>
+```python
+def f(...):
+    ...
+```
+```input
+the arguments of one call
+```
+</answer>"""
+
+_COMPACT_GOALS = {
+    "deduction": dict(subject="A test subject will see your function and your input, and must predict the output.",
+                      goal="predict its output"),
+    "abduction": dict(subject="A test subject will see your function and its output on your input, and must find "
+                              "an input that gives that output.", goal="find an input from its output"),
+}
+
+_COMPACT_INDUCTION = """## Task: Write {n} inputs for the Python function below, and a message
+
+A test subject will see some of your inputs with the outputs `f` returns for them, and must write `f`. Give {n}
+different inputs that together show what `f` does, and a message with a hint about `f` that does not contain
+its code.
+
+```python
+{program}
+```
+An input is the arguments of one call to `f`, written as Python literals and separated by commas. For example,
+`f` was called with:
+```input
+{example}
+```
+
+Reply in exactly this form, with your {n} inputs one per line:
+<think>
+A plan in one or two sentences.
+</think>
+<answer>
+```input
+your first input
+your second input
+```
+```message
+your hint
+```
+</answer>"""
+
+
+def compact_propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                           program: Task | None = None, num_inputs: int = 10) -> str:
+    """The compact proposer prompt for small models (PROPOSER_PROMPTS "compact")."""
+    if task_type == "induction":
+        program = program or (references[0] if references else None)
+        if program is None:
+            raise ValueError("induction proposal needs a program (or at least one reference task)")
+        example = program.inputs[0] if program.inputs else program.input
+        return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip())
+    refs = "\n".join(render_reference(t, i) for i, t in enumerate(references)) or "(none)"
+    return _COMPACT_IO.format(**_COMPACT_GOALS[task_type], references=refs)
+
+
+PROPOSER_PROMPTS = ("official", "form", "compact")
+
+
 def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
-                   program: Task | None = None, num_inputs: int = 10, answer_form: bool = False) -> str:
-    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `answer_form`
-    appends the task type's PROPOSE_FORMS entry (if it has one)."""
+                   program: Task | None = None, num_inputs: int = 10, style: str = "official") -> str:
+    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
+    (the official wording), "form" (official + the task type's PROPOSE_FORMS entry), "compact" (the short prompt
+    for the built-in task types; others fall back to official)."""
+    if style == "compact" and task_type in ("deduction", "abduction", "induction"):
+        return compact_propose_prompt(task_type, references, banned_words, program, num_inputs)
     text = PROPOSE_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
-    return text.rstrip("\n") + "\n\n" + PROPOSE_FORMS[task_type] if answer_form and task_type in PROPOSE_FORMS else text
+    return text.rstrip("\n") + "\n\n" + PROPOSE_FORMS[task_type] if style == "form" and task_type in PROPOSE_FORMS else text
 
 
 def solve_prompt(task: Task, num_shown: int = 5) -> str:

@@ -21,7 +21,7 @@ def tiny_args(model_dir: Path, run_dir: Path, iterations: int) -> list[str]:
             "--preset", "cpu-demo", "--tasks-per-iteration", "6", "--learnability-samples", "2",
             "--seed-buffer-size", "1", "--max-new-tokens-propose", "8", "--max-new-tokens-solve", "8",
             "--micro-batch-size", "8", "--learning-rate", "1e-3", "--lora-r", "4", "--no-gradient-checkpointing",
-            "--samples-per-group", "1", "--sandbox-timeout", "2", "--no-proposer-answer-form"]
+            "--samples-per-group", "1", "--sandbox-timeout", "2", "--proposer-prompt", "official"]
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-PY_EXAMPLES = ["ablation_deduction_only", "ablation_no_induction", "ablation_no_references", "ablation_solver_only",
-               "force_accept_warmup", "proposer_reward_variants", "custom_task_type"]
+PY_EXAMPLES = ["ablations", "proposer_reward_variants", "custom_task_type"]
+ABLATIONS = {"deduction-only": ("task_types", ["deduction"]), "no-induction": ("task_types", ["deduction", "abduction"]),
+             "no-references": ("num_references", 0), "solver-only": ("train_proposer", False),
+             "force-accept-warmup": ("force_accept_threshold", 50)}
 
 
 @pytest.fixture(autouse=True)
@@ -52,35 +54,47 @@ def test_every_example_is_tested_and_documented():
         assert any(len(line) > 30 for line in head), f"{path.name} lacks an explanation at its top"
 
 
-@pytest.mark.parametrize("name", PY_EXAMPLES)
-def test_example_runs_one_tiny_iteration(name, tiny_model_dir, tmp_path):
-    assert load(name).main(tiny(tiny_model_dir, tmp_path / "run")) == 0
-    runs = [tmp_path / "run"] if name != "proposer_reward_variants" else \
-        [tmp_path / "run" / "extreme_0.0", tmp_path / "run" / "extreme_-0.5"]
-    for run in runs:
-        config = json.loads((run / "config.json").read_text())
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [m["iteration"] for m in metrics] == [1] and (run / "checkpoint" / "adapter").is_dir()
-        expected = {"ablation_deduction_only": ("task_types", ["deduction"]),
-                    "ablation_no_induction": ("task_types", ["deduction", "abduction"]),
-                    "ablation_no_references": ("num_references", 0),
-                    "ablation_solver_only": ("train_proposer", False),
-                    "force_accept_warmup": ("force_accept_threshold", 50),
-                    "custom_task_type": ("task_types", ["deduction", "typeof"])}.get(name)
-        if expected:
-            assert config[expected[0]] == expected[1]
-    if name == "proposer_reward_variants":
-        assert [json.loads((r / "config.json").read_text())["proposer_extreme_reward"] for r in runs] == [0.0, -0.5]
+def check_run(run: Path) -> dict:
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1] and (run / "checkpoint" / "adapter").is_dir()
+    return json.loads((run / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_each_ablation_runs_one_tiny_iteration(name, tiny_model_dir, tmp_path):
+    assert load("ablations").main([name] + tiny(tiny_model_dir, tmp_path / "run")) == 0
+    key, value = ABLATIONS[name]
+    assert check_run(tmp_path / "run")[key] == value
+
+
+def test_ablations_documented_and_bad_name(capsys):
+    ablations = load("ablations")
+    assert set(ablations.ABLATIONS) == set(ABLATIONS)
+    for name, flags in ablations.ABLATIONS.items():
+        assert f"| {name} | {' '.join(flags)} |" in ablations.__doc__
+    assert ablations.main(["no-such-ablation"]) == 2 and "unknown ablation" in capsys.readouterr().err
+    assert ablations.main(["--list"]) == 0 and "deduction-only" in capsys.readouterr().out
+
+
+def test_proposer_reward_variants_run_both(tiny_model_dir, tmp_path):
+    assert load("proposer_reward_variants").main(tiny(tiny_model_dir, tmp_path / "run")) == 0
+    runs = [tmp_path / "run" / "extreme_0.0", tmp_path / "run" / "extreme_-0.5"]
+    assert [check_run(r)["proposer_extreme_reward"] for r in runs] == [0.0, -0.5]
+
+
+def test_custom_task_type_runs_one_tiny_iteration(tiny_model_dir, tmp_path):
+    assert load("custom_task_type").main(tiny(tiny_model_dir, tmp_path / "run")) == 0
+    assert check_run(tmp_path / "run")["task_types"] == ["deduction", "typeof"]
 
 
 def test_example_script_runs_as_a_program(tiny_model_dir, tmp_path):
     """The __main__ path: sys.path set up by the script itself, exit code from azr.main, flags passed through."""
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablation_deduction_only.py"),
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablations.py"), "deduction-only",
                            *tiny(tiny_model_dir, tmp_path / "run")], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "it   1" in proc.stdout
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablation_deduction_only.py"), "--iterations", "0"],
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ablations.py"), "deduction-only", "--iterations", "0"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 2 and "--iterations" in proc.stderr
 
