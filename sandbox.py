@@ -25,6 +25,8 @@ hostile and reward-hacking programs, and fast. Two layers:
    raising rlimits, no chmod/chown/xattr/mount/namespaces/SysV IPC/...). Missing OS features are detected at
    start-up (a probe child; `Sandbox()` waits for it) and reported by one RuntimeWarning. RLIMIT_NPROC does
    not stop root, so where seccomp is missing (any arch but x86_64) a program that escapes the screen can fork.
+   The kernel calls (rlimits, namespaces, capabilities, Landlock, seccomp) are in confinement.py, with a table
+   of what each rule stops; this module forks the children and runs the jobs.
 
 `repeats=n` runs n separate child processes, each executing the program and calling f once, placed on
 different workers where possible (different workers have different address-space layouts; each child also
@@ -62,6 +64,25 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+
+
+def _import_confinement():
+    """confinement.py, the one module of ours the sandbox uses. The worker runs as `python -P -s -S sandbox.py`,
+    so this file's directory is not on its sys.path (and must stay off it: the children import from that path);
+    there the module is loaded from beside this file, without entering sys.modules."""
+    if __name__ != "__main__":
+        import confinement
+        return confinement
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("confinement", os.path.join(here, "confinement.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+confinement = _import_confinement()
+
 
 FORBIDDEN_MODULES: tuple[str, ...] = (
     # AZR's list
@@ -406,222 +427,6 @@ def output_matches(result: Result, gold: str, strict: bool = False) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# OS-level confinement (runs inside the worker and its children; Linux only, degrades elsewhere)
-
-_SYS = {"landlock_create_ruleset": 444, "landlock_add_rule": 445, "landlock_restrict_self": 446}  # all arches
-_DENY_X86_64 = (  # x86_64 syscall numbers (the seccomp filter is x86_64 only; elsewhere: one warning)
-    41, 42, 43, 49, 50, 53, 288,                      # socket connect accept bind listen socketpair accept4
-    56, 57, 58, 59, 322, 435,                         # clone fork vfork execve execveat clone3
-    101, 310, 311, 424, 434, 438,                     # ptrace process_vm_readv/writev pidfd_*
-    160,                                              # setrlimit
-    105, 106, 113, 114, 116, 117, 119, 122, 123, 126,  # set*id setgroups capset
-    157, 135,                                         # prctl personality
-    90, 91, 92, 93, 94, 260, 268, 452, 132, 235, 261, 280,  # chmod/chown/utime family
-    188, 189, 190, 197, 198, 199, 133, 259,           # xattrs mknod
-    165, 166, 155, 161, 167, 168, 169, 170, 171, 172, 173, 175, 176, 313, 179, 163, 103, 246, 320,
-    272, 308, 321, 298, 323, 425, 426, 427, 248, 249, 250, 303, 304, 428, 429, 430, 431, 432, 433, 442,
-    212, 153, 164, 227, 159, 305,                     # misc privileged
-    29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220,  # SysV IPC
-    240, 241, 242, 243, 244, 245,                     # POSIX message queues
-    141, 142, 144, 203, 251, 256, 279,                # setpriority sched_* ioprio migrate/move_pages
-)
-_EPERM = 0x00050000 | 1
-_ALLOW = 0x7FFF0000
-_KILL = 0x80000000
-
-
-def _libc():
-    import ctypes
-    return ctypes, ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
-    import struct
-    return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
-
-
-_BPF_LD, _BPF_JEQ, _BPF_JGE, _BPF_RET = 0x20, 0x15, 0x35, 0x06
-
-
-def _seccomp_tree(ranges: list[tuple[int, bytes]]) -> bytes:
-    """Binary search over syscall-number ranges (short filters: cheap to attach and to run)."""
-    if len(ranges) == 1:
-        return ranges[0][1]
-    mid = len(ranges) // 2
-    left, right = _seccomp_tree(ranges[:mid]), _seccomp_tree(ranges[mid:])
-    if len(left) // 8 > 255:
-        raise ValueError("seccomp filter too large")
-    return _bpf(_BPF_JGE, len(left) // 8, 0, ranges[mid][0]) + left + right
-
-
-def _seccomp_program(pid: int) -> bytes:
-    """Deny-list filter (EPERM); signals only to ourselves; prlimit64 only to read limits."""
-    allow, deny = _bpf(_BPF_RET, 0, 0, _ALLOW), _bpf(_BPF_RET, 0, 0, _EPERM)
-    actions: dict[int, bytes] = {nr: deny for nr in _DENY_X86_64}
-    own = sorted({pid, 0, -pid})
-    for nr in (62, 200, 234, 129, 297):                   # kill tkill tgkill rt_sigqueueinfo rt_tgsigqueueinfo
-        block = _bpf(_BPF_LD, 0, 0, 16)                   # args[0], low 32 bits
-        for v in (own if nr in (62, 129) else [pid]):
-            block += _bpf(_BPF_JEQ, 0, 1, v) + allow
-        actions[nr] = block + deny
-    actions[302] = (_bpf(_BPF_LD, 0, 0, 32) + _bpf(_BPF_JEQ, 0, 3, 0) + _bpf(_BPF_LD, 0, 0, 36)
-                    + _bpf(_BPF_JEQ, 0, 1, 0) + allow + deny)       # prlimit64 with new_limit == NULL
-    ranges: list[tuple[int, bytes]] = [(0, allow)]
-    for nr in range(0, max(actions) + 2):
-        act = actions.get(nr, allow)
-        if act != ranges[-1][1] or act not in (allow, deny):
-            ranges.append((nr, act))
-    if ranges[0][0] == ranges[1][0]:
-        ranges.pop(0)
-    head = (_bpf(_BPF_LD, 0, 0, 4) + _bpf(_BPF_JEQ, 1, 0, 0xC000003E) + _bpf(_BPF_RET, 0, 0, _KILL)
-            + _bpf(_BPF_LD, 0, 0, 0) + _bpf(_BPF_JGE, 0, 1, 0x40000000) + deny)
-    return head + _seccomp_tree(ranges)
-
-
-_TEMPLATE_PID = 0x3FFFFFF1   # never a real pid (pid_max <= 2**22)
-
-
-def _prepare_seccomp(ctypes) -> dict:
-    """Worker start-up: the filter for a placeholder pid in a ctypes buffer, and where the pid goes. A child
-    only writes its pid into its copy of the buffer and attaches it (no allocation: few copy-on-write faults)."""
-    prog = _seccomp_program(_TEMPLATE_PID)
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    words = memoryview(buf).cast("B").cast("I")
-    pid_at = [i for i in range(1, len(words), 2) if words[i] == _TEMPLATE_PID]              # the k fields
-    neg_at = [i for i in range(1, len(words), 2) if words[i] == -_TEMPLATE_PID & 0xFFFFFFFF]
-    if not pid_at:
-        raise RuntimeError("seccomp template: placeholder pid not found")
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-    fprog = SockFprog(len(prog) // 8, ctypes.addressof(buf))
-    return {"buf": buf, "fprog": fprog, "ref": ctypes.byref(fprog), "words": words, "pid_at": pid_at,
-            "neg_at": neg_at}
-
-
-def _install_seccomp(libc, sp: dict, pid: int) -> bool:
-    """In the child: put our pid into the prepared filter and attach it."""
-    words = sp["words"]
-    for i in sp["pid_at"]:
-        words[i] = pid
-    for i in sp["neg_at"]:
-        words[i] = -pid & 0xFFFFFFFF
-    return libc.prctl(22, 2, sp["ref"], 0, 0) == 0      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-
-
-def _landlock_abi(ctypes, libc) -> int:
-    v = libc.syscall(_SYS["landlock_create_ruleset"], None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    return max(v, 0)
-
-
-# child fd layout: 0 /dev/null, 1-2 output, 3 result, 4 job, 5 its temp dir (O_PATH), 6.. O_PATH fds of the
-# read dirs (5.. are closed once Landlock is in place)
-_RW_FD = 5
-_FIRST_READ_FD = 6
-
-
-def _limits(cfg: dict) -> list:
-    """The children's rlimits as (resource, (soft, hard)); CPU seconds: the timeout rounded up, plus one."""
-    import resource
-    cpu = int(math.ceil(cfg["timeout"])) + 1
-    limits = [(resource.RLIMIT_AS, int(cfg["memory_mb"]) << 20), (resource.RLIMIT_CPU, cpu),
-              (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_FSIZE, int(cfg["max_file_bytes"])),
-              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
-    return [(r, (v, v + (1 if r == resource.RLIMIT_CPU else 0))) for r, v in limits]
-
-
-def _prepare_confinement(ctypes, libc, abi: int, read_dirs: list[str], cfg: dict) -> dict:
-    """Worker start-up: build every object the children need (ctypes buffers, rlimits, the seccomp template),
-    so each child only makes the calls (fewer copy-on-write page faults per child, which is most of a fork's
-    cost)."""
-    import struct
-    for name in ("prctl", "syscall", "capset"):
-        getattr(libc, name)                                     # cache the function pointers
-    prep: dict = {"cap_hdr": (ctypes.c_uint32 * 2)(0x20080522, 0), "cap_data": (ctypes.c_uint32 * 6)(),
-                  "read_fds": []}
-    if abi > 0:
-        fs_bits = {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)
-        handled_fs = (1 << fs_bits) - 1
-        read = (1 << 2) | (1 << 3)                              # READ_FILE | READ_DIR
-        if abi >= 6:
-            attr = struct.pack("QQQ", handled_fs, 3, 3)         # net: BIND|CONNECT TCP; scope: abstract unix|signal
-        elif abi >= 4:
-            attr = struct.pack("QQ", handled_fs, 3)
-        else:
-            attr = struct.pack("Q", handled_fs)
-        prep["attr"] = ctypes.create_string_buffer(attr, len(attr))
-        rules = [ctypes.create_string_buffer(struct.pack("=Qi", handled_fs & ~1, _RW_FD), 12)]   # all but EXECUTE
-        for d in read_dirs:
-            try:
-                fd = os.open(d, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue
-            rules.append(ctypes.create_string_buffer(struct.pack("=Qi", read, _FIRST_READ_FD + len(prep["read_fds"])),
-                                                     12))
-            prep["read_fds"].append(fd)
-        prep["rules"] = rules
-        prep["args"] = (ctypes.c_size_t(len(attr)), ctypes.c_uint32(0), ctypes.c_int(1))
-    if os.uname().machine == "x86_64" and "seccomp" not in cfg.get("disable", ()):
-        prep["seccomp"] = _prepare_seccomp(ctypes)
-    return prep
-
-
-def _install_landlock(libc, prep: dict) -> bool:
-    """In the child: reads only under the prepared read dirs, everything but exec in its temp dir (fd _RW_FD)."""
-    size, zero, path_beneath = prep["args"]
-    fd = libc.syscall(_SYS["landlock_create_ruleset"], prep["attr"], size, zero)
-    if fd < 0:
-        return False
-    try:
-        ok = all([libc.syscall(_SYS["landlock_add_rule"], fd, path_beneath, rule, zero) == 0 for rule in prep["rules"]])
-        return ok and libc.syscall(_SYS["landlock_restrict_self"], fd, zero) == 0
-    finally:
-        os.close(fd)
-
-
-def _drop_capabilities(libc, prep: dict) -> bool:
-    return libc.capset(prep["cap_hdr"], prep["cap_data"]) == 0     # _LINUX_CAPABILITY_VERSION_3, all zero
-
-
-def _unshare_network(ctypes, libc) -> bool:
-    """Worker start-up: a private, empty network namespace (as root directly, else inside a user namespace)."""
-    if libc.unshare(0x40000000) == 0:                          # CLONE_NEWNET
-        return True
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(0x10000000 | 0x40000000) != 0:             # CLONE_NEWUSER | CLONE_NEWNET
-        return False
-    try:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as fh:
-                fh.write(text)
-    except OSError:
-        pass
-    return True
-
-
-def _confine(caps: dict) -> dict:
-    """In the child: rlimits, then capabilities, no_new_privs, Landlock, seccomp as available; closes the
-    directory fds (5..). Returns what worked."""
-    setrlimit = caps["setrlimit"]
-    for res, lim in caps["limits"]:
-        try:
-            setrlimit(res, lim)
-        except (ValueError, OSError):
-            pass
-    done = {"netns": caps.get("netns", False)}
-    prep = caps.get("prep")
-    if prep is None:                                           # not Linux, or ctypes failed: rlimits only
-        return done
-    libc = caps["_libc"][1]
-    done["nocaps"] = _drop_capabilities(libc, prep)
-    libc.prctl(38, 1, 0, 0, 0)                                 # PR_SET_NO_NEW_PRIVS
-    done["landlock"] = "attr" in prep and _install_landlock(libc, prep)
-    os.closerange(_RW_FD, _FIRST_READ_FD + len(prep["read_fds"]))
-    done["seccomp"] = "seccomp" in prep and _install_seccomp(libc, prep["seccomp"], os.getpid())
-    return done
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the child: run f(<inputs>) and describe the value as text
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes)
@@ -719,49 +524,129 @@ def _child_main(job: dict, cfg: dict, result_fd: int, stdout=None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # the worker: a small long-lived process that forks one child per job
 
+_RESULT_FD, _JOB_FD = 3, 4       # in the child; then confinement.RW_FD and the read-dir fds (see confinement.py)
+_MAX_REPLY = 1 << 20             # bytes of a child's result line the worker reads at most
+_PROBE_KEYS = ("netns", "nocaps", "landlock", "seccomp", "net_blocked")
 
-def _worker_main(cfg: dict) -> None:
-    os.environ.clear()                      # the parent already passed a minimal env; children inherit this one
-    os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
-    proto_in, proto_out = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    disable = set(cfg.get("disable", ()))
-    import resource
-    caps: dict = {"netns": False, "landlock_abi": 0, "nodump": False, "limits": _limits(cfg),
-                  "setrlimit": resource.setrlimit}
-    if sys.platform == "linux":
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` and the process itself (either may be gone already)."""
+    for kill in (os.killpg, os.kill):
         try:
-            ctypes, libc = _libc()
-            caps["_libc"] = (ctypes, libc)
-            caps["netns"] = "netns" not in disable and _unshare_network(ctypes, libc)
-            caps["landlock_abi"] = 0 if "landlock" in disable else _landlock_abi(ctypes, libc)
-            caps["prep"] = _prepare_confinement(ctypes, libc, caps["landlock_abi"], cfg["read_dirs"], cfg)
-            # Not dumpable (after the user-namespace setup, which writes /proc/self/*): the children inherit it,
-            # so without Landlock a child still cannot open /proc/<worker>/mem to rewrite its unconfined parent.
-            if "nodump" not in disable:
-                caps["nodump"] = libc.prctl(4, 0, 0, 0, 0) == 0 and libc.prctl(3, 0, 0, 0, 0) == 0   # PR_SET/GET_DUMPABLE
-        except Exception:
-            caps.pop("_libc", None)
-            caps.pop("prep", None)
-    for name in cfg.get("preimport", PREIMPORT):
-        try:
-            __import__(name)
-        except Exception:
+            kill(pid, signal.SIGKILL)
+        except OSError:
             pass
-    stdout = _stdout_wrapper()
-    timeout = float(cfg["timeout"])
-    current = {"pid": 0}
-    counter = 0
-    pending: list[int] = []      # killed children not yet reaped
-    dirs: list[str] = []         # temp dirs to remove once their child is reaped
 
-    def spawn() -> dict:
+
+class _Child:
+    """A pre-forked child as its worker sees it, and what its one run produced."""
+    __slots__ = ("buf", "exited", "job_fd", "out_fd", "pid", "pidfd", "result_fd", "status", "timed_out", "tmpdir")
+
+    def __init__(self, pid: int, result_fd: int, job_fd: int, out_fd: int, tmpdir: str, pidfd: int | None):
+        self.pid, self.result_fd, self.job_fd, self.out_fd, self.tmpdir, self.pidfd = \
+            pid, result_fd, job_fd, out_fd, tmpdir, pidfd
+        self.buf = b""                    # the result line as read so far
+        self.timed_out = False
+        self.exited = False               # reaped while waiting (no pidfd support)
+        self.status: int | None = None    # wait status, once reaped
+
+
+def _probe_network(done: dict) -> dict:
+    """Start-up probe, in a confined child: can it reach the network?"""
+    import socket
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(("1.1.1.1", 53))
+        done["net_blocked"] = False
+    except OSError:
+        done["net_blocked"] = True
+    return done
+
+
+def _child_process(server: _ForkServer, out_fd: int, result_w: int, job_r: int, tmp_fd: int, tmpdir: str) -> None:
+    """The forked child: arrange its fds, confine itself, wait for its job, run it (or the probe) and exit."""
+    try:
+        caps = server.caps
+        os.setpgid(0, 0)
+        confinement.set_parent_death_signal(caps, signal.SIGKILL)
+        os.dup2(server.devnull, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.dup2(result_w, _RESULT_FD)
+        os.dup2(job_r, _JOB_FD)
+        os.dup2(tmp_fd, confinement.RW_FD)
+        read_fds = caps["prep"]["read_fds"] if "prep" in caps else []
+        for i, fd in enumerate(read_fds):
+            os.dup2(fd, confinement.FIRST_READ_FD + i)
+        os.closerange(confinement.FIRST_READ_FD + len(read_fds), 1 << 16)
+        os.chdir(tmpdir)
+        done = confinement.confine(caps)
+        data = b""
+        while chunk := os.read(_JOB_FD, 1 << 16):
+            data += chunk
+        os.close(_JOB_FD)
+        job = json.loads(data)
+        if job.get("probe"):
+            os.write(_RESULT_FD, json.dumps(_probe_network(done)).encode() + b"\n")
+            os._exit(0)
+        _child_main(job, server.cfg, _RESULT_FD, server.stdout)
+    finally:
+        os._exit(70)
+
+
+class _ForkServer:
+    """The worker process: reads jobs (one JSON line each) on stdin, hands each to a child forked and confined
+    ahead of time, and writes each result (one JSON line) to stdout. Stdin's EOF means stop."""
+
+    def __init__(self, cfg: dict) -> None:
+        os.environ.clear()                  # the parent already passed a minimal env; children inherit this one
+        os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
+        self.proto_in, self.proto_out = os.dup(0), os.dup(1)
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(self.devnull, 0)
+        os.dup2(self.devnull, 1)
+        self.cfg = cfg
+        self.caps = confinement.prepare_worker(cfg)
+        for name in cfg.get("preimport", PREIMPORT):
+            try:
+                __import__(name)
+            except Exception:
+                pass
+        self.stdout = _stdout_wrapper()
+        self.timeout = float(cfg["timeout"])
+        self.current_pid = 0                # the newest child, until reaped
+        self.counter = 0
+        self.pending: list[int] = []        # killed children not yet reaped
+        self.dirs: list[str] = []           # temp dirs to remove once their child is reaped
+
+    def serve(self) -> None:
+        """Probe the confinement, report ready, then run jobs until the parent closes our stdin."""
+        probe = self.run(b'{"probe": true}\n', self.spawn(), probe=True)
+        self.cleanup()
+        gc.collect()
+        gc.freeze()                         # children then do not touch (copy) the worker's heap on collection
+        report = {k: bool(probe.get(k)) for k in _PROBE_KEYS}
+        report["nodump"] = bool(self.caps.get("nodump"))
+        report["landlock_abi"] = self.caps.get("landlock_abi", 0)
+        os.write(self.proto_out, (json.dumps({"ready": report}) + "\n").encode())
+        reader = os.fdopen(self.proto_in, "rb")
+        child = self.spawn()
+        for line in reader:
+            try:
+                res = self.run(line, child)
+            except Exception as e:  # noqa: BLE001 - a broken job must not kill the worker
+                res = {"ok": False, "error": f"sandbox error: {type(e).__name__}: {e}"}
+            try:
+                os.write(self.proto_out, (json.dumps(res) + "\n").encode())
+            except OSError:                 # the parent is gone
+                self.exit()
+            child = self.spawn()            # the next child, while the parent handles the reply
+            self.cleanup()                  # reap the previous one and remove its temp dir
+        self.exit(child)
+
+    def spawn(self) -> _Child:
         """Fork the next child now: it confines itself and waits for its job (the fork is off the critical path)."""
-        nonlocal counter
-        counter += 1
-        tmpdir = os.path.join(cfg["base_dir"], f"w{cfg['index']}-{counter}")
+        self.counter += 1
+        tmpdir = os.path.join(self.cfg["base_dir"], f"w{self.cfg['index']}-{self.counter}")
         os.mkdir(tmpdir, 0o700)
         out_fd = os.memfd_create("azr-out", os.MFD_CLOEXEC) if hasattr(os, "memfd_create") else \
             os.open(tmpdir, os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -769,41 +654,8 @@ def _worker_main(cfg: dict) -> None:
         jr, jw = os.pipe()         # worker -> child: the job
         tfd = os.open(tmpdir, os.O_PATH | os.O_CLOEXEC)
         pid = os.fork()
-        if pid == 0:  # ---- child
-            try:
-                os.setpgid(0, 0)
-                if "_libc" in caps:
-                    caps["_libc"][1].prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
-                os.dup2(devnull, 0)
-                os.dup2(out_fd, 1)
-                os.dup2(out_fd, 2)
-                os.dup2(w, 3)
-                os.dup2(jr, 4)
-                os.dup2(tfd, _RW_FD)
-                read_fds = caps["prep"]["read_fds"] if "prep" in caps else []
-                for i, fd in enumerate(read_fds):
-                    os.dup2(fd, _FIRST_READ_FD + i)
-                os.closerange(_FIRST_READ_FD + len(read_fds), 1 << 16)
-                os.chdir(tmpdir)
-                done = _confine(caps)
-                data = b""
-                while chunk := os.read(4, 1 << 16):
-                    data += chunk
-                os.close(4)
-                job = json.loads(data)
-                if job.get("probe"):
-                    import socket
-                    try:
-                        socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(("1.1.1.1", 53))
-                        done["net_blocked"] = False
-                    except OSError:
-                        done["net_blocked"] = True
-                    os.write(3, json.dumps(done).encode() + b"\n")
-                    os._exit(0)
-                _child_main(job, cfg, 3, stdout)
-            finally:
-                os._exit(70)
-        # ---- worker
+        if pid == 0:
+            _child_process(self, out_fd, w, jr, tfd, tmpdir)
         os.close(w)
         os.close(jr)
         os.close(tfd)
@@ -811,151 +663,140 @@ def _worker_main(cfg: dict) -> None:
             os.setpgid(pid, pid)
         except OSError:
             pass
-        current["pid"] = pid
+        self.current_pid = pid
         pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-        return {"pid": pid, "r": r, "jw": jw, "out_fd": out_fd, "tmpdir": tmpdir, "pidfd": pidfd}
+        return _Child(pid, r, jw, out_fd, tmpdir, pidfd)
 
-    def run(job: bytes, child: dict, probe: bool = False) -> dict:
+    def run(self, job: bytes, child: _Child, probe: bool = False) -> dict:
         """Hand the job (one JSON line from the parent, passed on unparsed) to the pre-forked child and
         collect its result within the timeout."""
-        pid, r, out_fd, tmpdir, pidfd = child["pid"], child["r"], child["out_fd"], child["tmpdir"], child["pidfd"]
         t0 = time.monotonic()
         try:
-            os.write(child["jw"], job)             # the child reads it concurrently
+            os.write(child.job_fd, job)     # the child reads it concurrently
         except OSError:
             pass
-        os.close(child["jw"])
-        deadline = t0 + (10.0 if probe else timeout)
-        buf, eof, timed_out, exited, polled = b"", False, False, False, 0
-        while b"\n" not in buf:
+        os.close(child.job_fd)
+        self._await_result(child, t0 + (10.0 if probe else self.timeout))
+        seconds = time.monotonic() - t0
+        # The result is complete (or the child died or timed out): kill the child's whole process group.
+        # Reaping and removing the temp dir happen after the reply is sent (off the critical path).
+        _kill_group(child.pid)
+        self._reap_if_finished(child)
+        stdout = self._release(child)
+        if child.timed_out:
+            return {"ok": False, "error": "timeout", "stdout": stdout, "seconds": seconds}
+        try:  # the child is untrusted: accept only the expected shape and sizes
+            res = json.loads(child.buf.split(b"\n", 1)[0])
+            if probe:                       # start-up probe: the child reports what confinement worked
+                return {k: res.get(k) is True for k in _PROBE_KEYS}
+            res = self._checked(res)
+        except Exception:
+            res = {"ok": False, "error": self._failure(child)}
+        res.update(stdout=stdout, seconds=seconds)
+        return res
+
+    def _await_result(self, child: _Child, deadline: float) -> None:
+        """Read the child's result line until it is complete, the child exits, or the deadline passes; exit the
+        worker if the parent closes our stdin meanwhile (it sends nothing during a job)."""
+        r, pidfd, eof = child.result_fd, child.pidfd, False
+        while b"\n" not in child.buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                break
-            watch = ([] if eof else [r]) + ([pidfd] if pidfd is not None else []) + [proto_in]
+                child.timed_out = True
+                return
+            watch = ([] if eof else [r]) + ([pidfd] if pidfd is not None else []) + [self.proto_in]
             if pidfd is None:  # no pidfd support: poll for the child's exit
-                done_pid, polled = os.waitpid(pid, os.WNOHANG)
+                done_pid, status = os.waitpid(child.pid, os.WNOHANG)
                 if done_pid:
-                    exited = True
-                    break
+                    child.exited, child.status = True, status
+                    return
                 remaining = min(remaining, 0.005)
             ready, _, _ = select.select(watch, [], [], remaining)
-            if proto_in in ready:              # the parent sends nothing during a job: this is EOF
-                exit_worker(child)
+            if self.proto_in in ready:
+                self.exit(child)
             if r in ready:
                 data = os.read(r, 1 << 16)
                 if not data:
                     eof = True
-                elif len(buf) < (1 << 20):
-                    buf += data
+                elif len(child.buf) < _MAX_REPLY:
+                    child.buf += data
             if pidfd is not None and pidfd in ready:
-                break
-        seconds = time.monotonic() - t0
-        # The result is complete (or the child died or timed out): kill the child's whole process group.
-        # Reaping and removing the temp dir happen after the reply is sent (off the critical path).
-        for kill in (os.killpg, os.kill):
+                return
+
+    def _reap_if_finished(self, child: _Child) -> None:
+        """A child that exited by itself is reaped now and the rest of its output read; a killed one (timed out,
+        or it is still tearing down after writing its result) is left for cleanup()."""
+        if child.exited or (child.pidfd is not None and b"\n" not in child.buf and not child.timed_out):
+            if not child.exited:
+                child.status = os.waitpid(child.pid, 0)[1]
+            self.current_pid = 0
+            os.set_blocking(child.result_fd, False)
             try:
-                kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        status = None
-        if exited or (pidfd is not None and b"\n" not in buf and not timed_out):
-            status = polled if exited else os.waitpid(pid, 0)[1]
-            current["pid"] = 0
-            os.set_blocking(r, False)
-            try:
-                while len(buf) < (1 << 20) and (data := os.read(r, 1 << 16)):
-                    buf += data
+                while len(child.buf) < _MAX_REPLY and (data := os.read(child.result_fd, 1 << 16)):
+                    child.buf += data
             except OSError:
                 pass
         else:
-            pending.append(pid)
-        for fd in (r, pidfd):
+            self.pending.append(child.pid)
+
+    def _release(self, child: _Child) -> str:
+        """Close the child's fds and queue its temp dir for removal; returns its captured output (capped)."""
+        for fd in (child.result_fd, child.pidfd):
             if fd is not None:
                 os.close(fd)
-        cap = int(cfg["max_stdout_chars"])
-        stdout = os.pread(out_fd, cap * 4, 0).decode("utf-8", "replace")[:cap]
-        os.close(out_fd)
-        dirs.append(tmpdir)
-        if timed_out:
-            return {"ok": False, "error": "timeout", "stdout": stdout, "seconds": seconds}
-        try:  # the child is untrusted: accept only the expected shape and sizes
-            res = json.loads(buf.split(b"\n", 1)[0])
-            if probe:                      # start-up probe: the child reports what confinement worked
-                return {k: res.get(k) is True for k in ("netns", "nocaps", "landlock", "seccomp", "net_blocked")}
-            out, err = res.get("output"), res.get("error")
-            assert type(res["ok"]) is bool and type(res["literal"]) is bool
-            assert out is None or (type(out) is str and len(out) <= int(cfg["max_output_chars"]))
-            assert err is None or (type(err) is str and len(err) <= 300)
-            res = {"ok": res["ok"], "output": out, "literal": res["literal"], "error": err}
-        except Exception:
-            if status is None:
-                status = os.waitpid(pid, 0)[1]
-                pending.remove(pid)
-            if os.WIFSIGNALED(status):
-                sig = os.WTERMSIG(status)
-                err = "timeout" if sig == signal.SIGXCPU else f"crashed: {signal.Signals(sig).name}"
-            else:
-                err = f"exited without result (code {os.WEXITSTATUS(status)})"
-            res = {"ok": False, "error": err}
-        res.update(stdout=stdout, seconds=seconds)
-        return res
+        cap = int(self.cfg["max_stdout_chars"])
+        stdout = os.pread(child.out_fd, cap * 4, 0).decode("utf-8", "replace")[:cap]
+        os.close(child.out_fd)
+        self.dirs.append(child.tmpdir)
+        return stdout
 
-    def cleanup() -> None:
+    def _checked(self, res: dict) -> dict:
+        """The child's result if it has the expected shape and sizes (else AssertionError/KeyError/TypeError)."""
+        out, err = res.get("output"), res.get("error")
+        assert type(res["ok"]) is bool and type(res["literal"]) is bool
+        assert out is None or (type(out) is str and len(out) <= int(self.cfg["max_output_chars"]))
+        assert err is None or (type(err) is str and len(err) <= 300)
+        return {"ok": res["ok"], "output": out, "literal": res["literal"], "error": err}
+
+    def _failure(self, child: _Child) -> str:
+        """Why a child gave no valid result, from its wait status (reaping it now if need be)."""
+        status = child.status
+        if status is None:
+            status = os.waitpid(child.pid, 0)[1]
+            self.pending.remove(child.pid)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return "timeout" if sig == signal.SIGXCPU else f"crashed: {signal.Signals(sig).name}"
+        return f"exited without result (code {os.WEXITSTATUS(status)})"
+
+    def cleanup(self) -> None:
         """Reap killed children, then remove their temp dirs."""
-        while pending:
+        while self.pending:
             try:
-                os.waitpid(pending.pop(), 0)
+                os.waitpid(self.pending.pop(), 0)
             except ChildProcessError:
                 pass
-        while dirs:
-            d = dirs.pop()
+        while self.dirs:
+            d = self.dirs.pop()
             try:
                 os.rmdir(d)
             except OSError:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def exit_worker(*children: dict) -> None:
+    def exit(self, *children: _Child) -> None:
         """The parent closed our pipe (close() or it died): kill and reap every child, clean up, exit."""
         for c in children:
-            pending.append(c["pid"])
-            dirs.append(c["tmpdir"])
-        for pid in pending + ([current["pid"]] if current["pid"] else []):
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        cleanup()
-        try:                               # the last worker out removes the base dir
-            os.unlink(os.path.join(cfg["base_dir"], f"worker-{cfg['index']}.log"))
-            os.rmdir(cfg["base_dir"])
+            self.pending.append(c.pid)
+            self.dirs.append(c.tmpdir)
+        for pid in self.pending + ([self.current_pid] if self.current_pid else []):
+            _kill_group(pid)
+        self.cleanup()
+        try:                                # the last worker out removes the base dir
+            os.unlink(os.path.join(self.cfg["base_dir"], f"worker-{self.cfg['index']}.log"))
+            os.rmdir(self.cfg["base_dir"])
         except OSError:
             pass
         os._exit(0)
-
-    probe = run(b'{"probe": true}\n', spawn(), probe=True)
-    cleanup()
-    gc.collect()
-    gc.freeze()                            # children then do not touch (copy) the worker's heap on collection
-    caps_report = {k: bool(probe.get(k)) for k in ("netns", "nocaps", "landlock", "seccomp", "net_blocked")}
-    caps_report["nodump"] = bool(caps.get("nodump"))
-    caps_report["landlock_abi"] = caps.get("landlock_abi", 0)
-    os.write(proto_out, (json.dumps({"ready": caps_report}) + "\n").encode())
-    reader = os.fdopen(proto_in, "rb")
-    child = spawn()
-    for line in reader:
-        try:
-            res = run(line, child)
-        except Exception as e:  # noqa: BLE001 - a broken job must not kill the worker
-            res = {"ok": False, "error": f"sandbox error: {type(e).__name__}: {e}"}
-        try:
-            os.write(proto_out, (json.dumps(res) + "\n").encode())
-        except OSError:                    # the parent is gone
-            exit_worker()
-        child = spawn()                    # the next child, while the parent handles the reply
-        cleanup()                          # reap the previous one and remove its temp dir
-    exit_worker(child)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1137,9 +978,10 @@ class Sandbox:
                 notes.append("without seccomp (x86_64 only) a program can fork and RLIMIT_NPROC does not stop root")
             if "landlock" in missing:
                 notes.append("without Landlock a program that escapes the screen can read and write files as this user")
+            # stacklevel 5: the caller of Sandbox() (_on_ready <- _collect <- _run_many <- __init__)
             warnings.warn(f"sandbox: OS-level isolation degraded, unavailable here: {', '.join(missing)} "
                           f"(rlimits, process isolation and timeouts still apply{'; ' if notes else ''}"
-                          f"{'; '.join(notes)})", RuntimeWarning, stacklevel=4)
+                          f"{'; '.join(notes)})", RuntimeWarning, stacklevel=5)
 
     def run(self, program: str, inputs: str, repeats: int = 1) -> Result:
         """Run f(<inputs>) in a fresh confined process; repeats=n: n separate processes (on different workers
@@ -1191,6 +1033,8 @@ class Sandbox:
         return None
 
     def _run_many(self, jobs: list[tuple[str, str]], repeats: int, wait_ready: bool = False) -> list[Result]:
+        """Screen the jobs, then until every job is decided: give each idle worker a run, wait for replies or
+        deadlines, and fold each reply into its job's state. wait_ready: also wait for every worker's start-up."""
         repeats = max(1, int(repeats))
         results: list[Result | None] = [None] * len(jobs)
         queue: deque = deque()
@@ -1200,40 +1044,48 @@ class Sandbox:
             else:
                 queue.append(i)
         active: dict[int, _JobState] = {}          # started, undecided jobs
-        grace = 1.0
         while queue or active or any(w.job is not None for w in self._workers) or \
                 (wait_ready and not all(w.ready for w in self._workers)):
-            now = time.monotonic()
-            for w in list(self._workers):
-                if not w.ready or w.job is not None or (i := self._pick(w, queue, active, repeats)) is None:
-                    continue
-                st = active[i]
-                program, inputs = jobs[i]
-                if w.send({"program": program, "inputs": inputs}):
-                    st.next_rep += 1
-                    st.running += 1
-                    st.used[w.index] = st.used.get(w.index, 0) + 1
-                    w.job, w.deadline = i, now + self.timeout + grace
-                else:
-                    self._replace(w)
+            self._dispatch(jobs, queue, active, repeats)
             busy = [w for w in self._workers if w.job is not None or not w.ready]
-            if not busy:
-                continue
-            wait = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready, _, _ = select.select([w.fd for w in busy], [], [], wait)
-            for w in busy:
-                if w.fd in ready:
-                    alive = w.read()
-                    while (msg := w.pop()) is not None:
-                        if not w.ready:
-                            self._on_ready(w, msg.get("ready", {}))
-                        elif w.job is not None:
-                            self._complete(w, msg, results, active, repeats)
-                    if not alive:
-                        self._fail(w, results, active, repeats, "sandbox worker died")
-                elif time.monotonic() >= w.deadline:
-                    self._fail(w, results, active, repeats, "timeout" if w.ready else "sandbox worker failed to start")
+            if busy:
+                self._collect(busy, results, active, repeats)
         return results  # type: ignore[return-value]
+
+    def _dispatch(self, jobs: list[tuple[str, str]], queue: deque, active: dict[int, _JobState], repeats: int) -> None:
+        """Send each ready, idle worker its next run (see _pick); a worker that cannot take it is replaced."""
+        grace = 1.0
+        now = time.monotonic()
+        for w in list(self._workers):
+            if not w.ready or w.job is not None or (i := self._pick(w, queue, active, repeats)) is None:
+                continue
+            st = active[i]
+            program, inputs = jobs[i]
+            if w.send({"program": program, "inputs": inputs}):
+                st.next_rep += 1
+                st.running += 1
+                st.used[w.index] = st.used.get(w.index, 0) + 1
+                w.job, w.deadline = i, now + self.timeout + grace
+            else:
+                self._replace(w)
+
+    def _collect(self, busy: list[_Worker], results: list, active: dict[int, _JobState], repeats: int) -> None:
+        """Wait until a busy worker replies or the first deadline passes; handle its messages, deaths and
+        timeouts."""
+        wait = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+        ready, _, _ = select.select([w.fd for w in busy], [], [], wait)
+        for w in busy:
+            if w.fd in ready:
+                alive = w.read()
+                while (msg := w.pop()) is not None:
+                    if not w.ready:
+                        self._on_ready(w, msg.get("ready", {}))
+                    elif w.job is not None:
+                        self._complete(w, msg, results, active, repeats)
+                if not alive:
+                    self._fail(w, results, active, repeats, "sandbox worker died")
+            elif time.monotonic() >= w.deadline:
+                self._fail(w, results, active, repeats, "timeout" if w.ready else "sandbox worker failed to start")
 
     @staticmethod
     def _complete(w: _Worker, msg: dict, results: list, active: dict[int, _JobState], repeats: int) -> None:
@@ -1286,4 +1138,4 @@ class Sandbox:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-    _worker_main(json.loads(sys.argv[2]))
+    _ForkServer(json.loads(sys.argv[2])).serve()
