@@ -6,7 +6,7 @@ and validate_proposals in the real sandbox. It prints, per cell and task type, h
 (admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and why the others failed.
 
     python bench_proposals.py                                  # default model, the cells below, 24 samples each
-    python bench_proposals.py --cells r1:1.0:1.0:identity chat:0.6:0.95:identity --samples 48
+    python bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity:form --samples 48
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from rewards import validate_proposals
 from sandbox import Sandbox
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
-DEFAULT_CELLS = ["r1:1.0:1.0:identity", "chat:1.0:1.0:identity", "r1:0.6:0.95:identity", "chat:0.6:0.95:identity",
-                 "r1:1.0:1.0:seed-file"]
+DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:form", "r1:1.0:1.0:identity:compact",
+                 "r1:0.6:0.95:identity:compact", "chat:1.0:1.0:identity:compact"]
 
 
 def reference_buffers(source: str, sb: Sandbox) -> Buffers:
@@ -42,7 +42,7 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
 
 def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int,
              induction_inputs: int) -> dict:
-    template, temperature, top_p, source, *form = cell.split(":")
+    template, temperature, top_p, source, *style = cell.split(":")
     rng = random.Random(seed)
     buffers = reference_buffers(source, sb)
     pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
@@ -52,7 +52,7 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
         program = rng.choice(pool)
         jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
                                                         program=program, num_inputs=induction_inputs,
-                                                        style=form[0] if form else "official")))
+                                                        style=style[0] if style else "official")))
     t0 = time.perf_counter()
     out = generate(policy, tokenizer, [render(tokenizer, text, template) for _, _, text in jobs], max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
@@ -86,8 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS,
-                        help="template:temperature:top_p:references[:form], references identity or seed-file, "
-                             "form = the proposer prompt ends with the answer form")
+                        help="template:temperature:top_p:references[:prompt], references identity or seed-file, "
+                             "prompt official (default), form or compact (azr.py --proposer-prompt)")
     parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the three types")
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--references", type=int, default=2, help="K reference tasks per prompt")

@@ -562,8 +562,7 @@ A plan in one or two sentences.
 </think>
 <answer>
 ```input
-your first input
-your second input
+{lines}
 ```
 ```message
 your hint
@@ -579,7 +578,9 @@ def compact_propose_prompt(task_type: str, references: list[Task], banned_words:
         if program is None:
             raise ValueError("induction proposal needs a program (or at least one reference task)")
         example = program.inputs[0] if program.inputs else program.input
-        return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip())
+        lines = "\n".join(f"your input {i + 1}" for i in range(num_inputs))
+        return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip(),
+                                         lines=lines)
     refs = "\n".join(render_reference(t, i) for i, t in enumerate(references)) or "(none)"
     return _COMPACT_IO.format(**_COMPACT_GOALS[task_type], references=refs)
 
@@ -592,6 +593,8 @@ def propose_prompt(task_type: str, references: list[Task], banned_words: Sequenc
     """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
     (the official wording), "form" (official + the task type's PROPOSE_FORMS entry), "compact" (the short prompt
     for the built-in task types; others fall back to official)."""
+    if style not in PROPOSER_PROMPTS:
+        raise ValueError(f"unknown proposer prompt {style!r}; choose from {', '.join(PROPOSER_PROMPTS)}")
     if style == "compact" and task_type in ("deduction", "abduction", "induction"):
         return compact_propose_prompt(task_type, references, banned_words, program, num_inputs)
     text = PROPOSE_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)

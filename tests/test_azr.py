@@ -86,6 +86,7 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
     (["--iterations", "0"], "--iterations must be at least 1"),
     (["--mini-batches", "0"], "--mini-batches must be at least 1"),
     (["--template", "alpaca"], "--template must be one of r1 chat"),
+    (["--proposer-prompt", "long"], "--proposer-prompt must be one of official form compact"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
     (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),

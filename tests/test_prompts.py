@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 import prompts
 from buffers import TASK_TYPES, Task, seed_task
-from prompts import (ANSWER_PARSERS, BANNED_WORDS, R1_INSTRUCTION, RESPONSE_PREFIX, Answer, Proposal, clean_program,
-                     parse_answer, parse_proposal, propose_prompt, register_task_type, rename_entry, render,
-                     solve_prompt, tags_ok)
+from prompts import (ANSWER_PARSERS, BANNED_WORDS, PROPOSE_FORMS, R1_INSTRUCTION, RESPONSE_PREFIX, Answer, Proposal,
+                     clean_program, parse_answer, parse_proposal, propose_prompt, register_task_type, rename_entry,
+                     render, solve_prompt, split_input_lines, tags_ok)
 
 CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 BANNED = ("os", "sys", "subprocess")
@@ -43,6 +43,37 @@ def test_propose_induction_prompt_uses_program():
     assert "return a" in propose_prompt("induction", [seed_task("deduction")], BANNED)   # falls back to a reference
     with pytest.raises(ValueError):
         propose_prompt("induction", [], BANNED)
+
+
+def test_proposer_prompt_styles():
+    refs = [seed_task("deduction"), Task("deduction", "def f(x):\n    return x * 3", "2", "6")]
+    official = propose_prompt("deduction", refs)
+    form = propose_prompt("deduction", refs, style="form")
+    assert form.startswith(official.rstrip("\n")) and form.endswith(PROPOSE_FORMS["deduction"])
+    for tt in ("deduction", "abduction"):
+        compact = propose_prompt(tt, refs, style="compact")
+        assert "return x * 3" in compact and "<answer>\n```python\ndef f(...):" in compact
+        assert len(compact) < len(official) / 2              # the point of it: a short prompt for small models
+    assert "predict the output" in propose_prompt("deduction", refs, style="compact")
+    assert "find an input" in propose_prompt("abduction", refs, style="compact")
+    prog = Task("deduction", "def f(s, n):\n    return s * n", "'ab', 2", "'abab'")
+    ind = propose_prompt("induction", refs, program=prog, num_inputs=4, style="compact")
+    assert "return s * n" in ind and "```input\n'ab', 2\n```" in ind          # an example call of the right shape
+    assert "your input 4\n```" in ind and "your input 5" not in ind and "```message" in ind
+    with pytest.raises(ValueError, match="unknown proposer prompt"):
+        propose_prompt("deduction", refs, style="long")
+
+
+def test_induction_input_block_may_hold_one_input_per_line():
+    assert split_input_lines("'a'\n\n'b'") == ["'a'", "'b'"]
+    assert split_input_lines("1, 2\n3, 4") == ["1, 2", "3, 4"]
+    assert split_input_lines("[1,\n 2]") == ["[1,\n 2]"]                        # one input over two lines
+    assert split_input_lines("{'a': 1,\n 'b': 2}") == ["{'a': 1,\n 'b': 2}"]
+    assert split_input_lines("'x',\n'y'") == ["'x',\n'y'"]                      # two arguments of one call
+    assert split_input_lines("  7  ") == ["7"] and split_input_lines("\n") == []
+    text = "<think>t</think><answer>```input\n1\n2\n```\n```input\n[3,\n 4]\n```\n```message\nm\n```</answer>"
+    p = parse_proposal("induction", text, program="def f(a):\n    return a")
+    assert p.inputs == ["1", "2", "[3,\n 4]"] and p.well_formatted and p.message == "m"
 
 
 def test_solve_prompts():
