@@ -130,7 +130,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Fits the 2-core CPU targets (README): a few small batches per iteration, short responses.
     # The 0.5B default model wrote valid proposals most often with the compact proposer prompt, and hit the token
-    # cap least (bench_proposals.py, README); 4 induction inputs (2 shown, 2 held out) fit its 384 new tokens.
+    # cap least (bench/bench_proposals.py, README); 4 induction inputs (2 shown, 2 held out) fit its 384 new tokens.
     # Seed size 1: the identity triplets only; --seed-file adds the official seeds.
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=6, num_references=2, learnability_samples=4,
                      seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,

@@ -39,7 +39,7 @@ PART_INSTALL = "pip install " + " ".join(f"{p}=={PART_VERSION}" for p in PART_PA
 # LoRA on every attention and MLP projection (the QLoRA recipe)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# CPU defaults, chosen by `python bench_model.py` on the 2-core CPU (figures in the README): plain bf16 LoRA
+# CPU defaults, chosen by `python bench/bench_model.py` on the 2-core CPU (figures in the README): plain bf16 LoRA
 # with gradient checkpointing was the fastest training step (8x256 tokens: 23.0 s, against 24.3 s for 4-bit
 # NF4 with bf16 compute and 43.1 s for fp32) and bf16 sampled fastest (67.2 tok/s, NF4 65.3, fp32 31.8).
 CPU_DTYPE = torch.bfloat16

@@ -475,7 +475,7 @@ def register_task_type(name: str, *, propose: Callable[..., str], solve: Callabl
 
 
 # The answer form a proposer prompt may end with (--proposer-answer-form): the tags and blocks spelled out, as the
-# solver prompts do. A deviation from the official prompts, measured in bench_proposals.py (README).
+# solver prompts do. A deviation from the official prompts, measured in bench/bench_proposals.py (README).
 _IO_FORM = """Reply in exactly this form:
 <think>
 Your plan.
@@ -505,7 +505,7 @@ your message
 
 
 # The compact proposer prompts (--proposer-prompt compact): a few lines of rules, the references, and the answer form
-# with an example input of the right shape. A deviation for small models, measured in bench_proposals.py (README).
+# with an example input of the right shape. A deviation for small models, measured in bench/bench_proposals.py (README).
 _COMPACT_IO = """## Task: Write a new Python function `f` and one input for it
 
 {subject}

@@ -1,8 +1,8 @@
 """Benchmark the default model on this machine: one LoRA training step and batched generation, side by side.
 
-    python bench_model.py            # 8x256-token LoRA step (bf16 / fp32 / 4-bit NF4, +- gradient checkpointing)
+    python bench/bench_model.py            # 8x256-token LoRA step (bf16 / fp32 / 4-bit NF4, +- gradient checkpointing)
                                      # and batch-8 x 128-new-token sampling (bf16 / fp32 / NF4)
-    python bench_model.py --quick    # tiny shapes, a smoke test of the script (about a minute)
+    python bench/bench_model.py --quick    # tiny shapes, a smoke test of the script (about a minute)
 
 Each configuration runs in its own process, so peak RSS is that configuration's alone. Besides wall time the
 script prints process CPU seconds divided by the thread count ("cpu s/threads", "tok/cpu-s*thr"): the wall time
@@ -18,6 +18,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 
 
 def peak_rss_gb() -> float:

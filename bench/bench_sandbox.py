@@ -1,6 +1,6 @@
 """Benchmark (not a test): validate the 800 CRUXEval programs with repeats=2, three ways, side by side.
 
-    python bench_sandbox.py [--data data/cruxeval/cruxeval.jsonl] [--workers N] [--rounds 3]
+    python bench/bench_sandbox.py [--data data/cruxeval/cruxeval.jsonl] [--workers N] [--rounds 3]
 
 1. this sandbox (fork-server workers, rlimits, namespaces, Landlock, seccomp; repeats=2 runs each program in
    two separate confined processes and compares them in the parent);
@@ -22,9 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandbox import Sandbox, same_output
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
+from sandbox import Sandbox, same_output  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 
 # The naive way: one fresh interpreter per program, same rlimits as the sandbox children, f run twice.
 RUNNER = r"""

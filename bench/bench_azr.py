@@ -1,8 +1,8 @@
 """Benchmark the default run, `python azr.py`, against its CPU targets; prints every figure it checks.
 
-    python bench_azr.py                          # the default run on the default model (about 20 minutes on 2 cores)
-    python bench_azr.py --keep runs/bench_demo   # keep the run directory
-    python bench_azr.py --iterations 3           # any azr.py flag passes through
+    python bench/bench_azr.py                          # the default run on the default model (about 20 minutes on 2 cores)
+    python bench/bench_azr.py --keep runs/bench_demo   # keep the run directory
+    python bench/bench_azr.py --iterations 3           # any azr.py flag passes through
 
 It runs azr.py in a fresh process and reads its metrics.jsonl: time to the first logged iteration, total time,
 peak RSS, the share of each iteration (wall time between consecutive metrics rows) spent outside generation and
@@ -27,7 +27,7 @@ def bench_demo(extra: list[str], keep: str | None) -> None:
         cmd = [sys.executable, "azr.py", "--output-dir", str(run), *extra]
         print("demo  running:", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).parent)
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
         first = None
         while proc.poll() is None:
             time.sleep(1)

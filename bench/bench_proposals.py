@@ -1,31 +1,33 @@
-"""bench_proposals.py — what makes the model write valid tasks? A probe of the proposer prompt, per cell.
+"""bench/bench_proposals.py — what makes the model write valid tasks? A probe of the proposer prompt, per cell.
 
 Each cell is a template x sampling setting x reference source. It samples `--samples` proposals (split evenly over
 deduction, abduction, induction) through the loop's own code: propose_prompt, render, generate, parse_proposal
 and validate_proposals in the real sandbox. It prints, per cell and task type, how many proposals were valid
 (admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and why the others failed.
 
-    python bench_proposals.py                                  # default model, the cells below, 24 samples each
-    python bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity:form --samples 48
+    python bench/bench_proposals.py                                  # default model, the cells below, 24 samples each
+    python bench/bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity:form --samples 48
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-import azr
-import model as models
-from buffers import TASK_TYPES, Buffers
-from generation import generate
-from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render
-from rewards import validate_proposals
-from sandbox import Sandbox
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
+import azr  # noqa: E402
+import model as models  # noqa: E402
+from buffers import TASK_TYPES, Buffers  # noqa: E402
+from generation import generate  # noqa: E402
+from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render  # noqa: E402
+from rewards import validate_proposals  # noqa: E402
+from sandbox import Sandbox  # noqa: E402
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
 DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:form", "r1:1.0:1.0:identity:compact",
@@ -36,7 +38,7 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
     buffers = Buffers(TASK_TYPES)
     if source == "seed-file":
-        azr.load_seed_files(sb, buffers, azr.Config(seed_file=[str(Path(__file__).parent / p) for p in SEED_FILES]))
+        azr.load_seed_files(sb, buffers, azr.Config(seed_file=[str(Path(__file__).resolve().parents[1] / p) for p in SEED_FILES]))
     return buffers
 
 
