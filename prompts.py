@@ -505,7 +505,8 @@ your message
 
 
 # The compact proposer prompts (--proposer-prompt compact): a few lines of rules, the references, and the answer form
-# with an example input of the right shape. A deviation for small models, measured in bench/bench_proposals.py (README).
+# filled in with the first reference (induction: with an example call of the program, so inputs have the right
+# shape). A deviation for small models, measured in bench/bench_proposals.py (README).
 _COMPACT_IO = """## Task: Write a new Python function `f` and one input for it
 
 {subject}
@@ -520,17 +521,16 @@ Rules:
 Reference programs:
 {references}
 
-Reply in exactly this form, with your own function and input:
+Reply in exactly this form ({form_note}):
 <think>
 A plan in one or two sentences.
 </think>
 <answer>
 ```python
-def f(...):
-    ...
+{form_program}
 ```
 ```input
-the arguments of one call
+{form_input}
 ```
 </answer>"""
 
@@ -582,7 +582,13 @@ def compact_propose_prompt(task_type: str, references: list[Task], banned_words:
         return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip(),
                                          lines=lines)
     refs = "\n".join(render_reference(t, i) for i, t in enumerate(references)) or "(none)"
-    return _COMPACT_IO.format(**_COMPACT_GOALS[task_type], references=refs)
+    if references:   # the form filled in with the first reference: nothing in it to copy but a duplicate
+        form = dict(form_note="shown filled in with snippet_0; yours must be a new function and input",
+                    form_program=references[0].program.strip(), form_input=references[0].input.strip())
+    else:
+        form = dict(form_note="with your own function and input", form_program="def f(...):\n    ...",
+                    form_input="the arguments of one call")
+    return _COMPACT_IO.format(**_COMPACT_GOALS[task_type], references=refs, **form)
 
 
 PROPOSER_PROMPTS = ("official", "form", "compact")

@@ -52,7 +52,9 @@ def test_proposer_prompt_styles():
     assert form.startswith(official.rstrip("\n")) and form.endswith(PROPOSE_FORMS["deduction"])
     for tt in ("deduction", "abduction"):
         compact = propose_prompt(tt, refs, style="compact")
-        assert "return x * 3" in compact and "<answer>\n```python\ndef f(...):" in compact
+        assert "return x * 3" in compact and "filled in with snippet_0" in compact
+        assert "<answer>\n```python\ndef f(a):\n    return a\n```\n```input\n'Hello world'\n```\n</answer>" in compact
+        assert "<answer>\n```python\ndef f(...):" in propose_prompt(tt, [], style="compact")   # no reference to show
         assert len(compact) < len(official) / 2              # the point of it: a short prompt for small models
     assert "predict the output" in propose_prompt("deduction", refs, style="compact")
     assert "find an input" in propose_prompt("abduction", refs, style="compact")
