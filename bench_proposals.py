@@ -22,6 +22,7 @@ import torch
 import azr
 import model as models
 from buffers import TASK_TYPES, Buffers
+from config import Config
 from generation import generate
 from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render
 from rewards import validate_proposals
@@ -36,7 +37,7 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
     buffers = Buffers(TASK_TYPES)
     if source == "seed-file":
-        azr.load_seed_files(sb, buffers, azr.Config(seed_file=[str(Path(__file__).parent / p) for p in SEED_FILES]))
+        azr.load_seed_files(sb, buffers, Config(seed_file=[str(Path(__file__).parent / p) for p in SEED_FILES]))
     return buffers
 
 
