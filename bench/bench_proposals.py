@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat 
 import azr  # noqa: E402
 import model as models  # noqa: E402
 from buffers import TASK_TYPES, Buffers  # noqa: E402
+from config import Config  # noqa: E402
 from generation import generate  # noqa: E402
 from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render  # noqa: E402
 from rewards import validate_proposals  # noqa: E402
@@ -38,7 +39,8 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
     buffers = Buffers(TASK_TYPES)
     if source == "seed-file":
-        azr.load_seed_files(sb, buffers, azr.Config(seed_file=[str(Path(__file__).resolve().parents[1] / p) for p in SEED_FILES]))
+        repo = Path(__file__).resolve().parents[1]
+        azr.load_seed_files(sb, buffers, Config(seed_file=[str(repo / p) for p in SEED_FILES]))
     return buffers
 
 

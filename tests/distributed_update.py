@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 import azr  # noqa: E402
 import model as models  # noqa: E402
+from config import Config  # noqa: E402
 
 
 def fixed_batch(vocab_size: int, n: int = 5) -> list[azr.Rollout]:
@@ -46,7 +48,7 @@ def update(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One policy_update of lora_policy on fixed_batch; returns the trained LoRA weights and the update's stats."""
     policy, tokenizer = lora_policy(model_dir)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    cfg = azr.Config(micro_batch_size=2, ppo_epochs=2, entropy_coef=0.01, kl_coef=0.1)
+    cfg = Config(micro_batch_size=2, ppo_epochs=2, entropy_coef=0.01, kl_coef=0.1)
     stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer(),
                               random.Random(0))
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, stats
@@ -54,12 +56,11 @@ def update(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 
 if __name__ == "__main__":
     model_dir, out = sys.argv[1], sys.argv[2]
-    azr.DIST.start()
+    state = azr.processes()
     weights, stats = update(model_dir)
-    flat = torch.cat([w.flatten() for w in weights.values()])
-    everyone = azr.DIST.gather([flat])
-    assert len(everyone) == azr.DIST.world and all(torch.equal(everyone[0], w) for w in everyone), \
+    everyone = gather_object([torch.cat([w.flatten() for w in weights.values()])])
+    assert len(everyone) == state.num_processes and all(torch.equal(everyone[0], w) for w in everyone), \
         "processes ended with different weights"
-    if azr.DIST.main:
-        torch.save({"weights": weights, "stats": stats, "world": azr.DIST.world}, out)
-    azr.DIST.stop()
+    if state.is_main_process:
+        torch.save({"weights": weights, "stats": stats, "world": state.num_processes}, out)
+    state.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 
 import azr
 from buffers import Buffers, Task
+from config import Config
 
 
 def tiny_args(model_dir: Path, run_dir: Path, iterations: int) -> list[str]:
@@ -131,7 +132,7 @@ def update_setup(model_dir: Path, **overrides):
     import model as models
     policy, tokenizer = models.load_policy(str(model_dir), lora_r=4, lora_alpha=8, load_in_4bit=False, device="cpu",
                                            dtype="fp32")
-    cfg = azr.Config(**{"learning_rate": 5e-2, "micro_batch_size": 8, "mini_batches": 1, **overrides})
+    cfg = Config(**{"learning_rate": 5e-2, "micro_batch_size": 8, "mini_batches": 1, **overrides})
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     prompt = tokenizer("def f(a):\n    return a", add_special_tokens=False)["input_ids"]
     good = tokenizer("<answer>```output", add_special_tokens=False)["input_ids"]
@@ -220,7 +221,7 @@ def test_seed_files_are_revalidated_in_the_sandbox(tmp_path):
              "outputs": ["0"] * 10, "message": "adds one"}]
     path = tmp_path / "seeds.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = azr.Config(seed_file=[str(path)])
+    cfg = Config(seed_file=[str(path)])
     buffers = Buffers()
     with Sandbox(workers=1) as sb:
         azr.load_seed_files(sb, buffers, cfg)
@@ -240,7 +241,7 @@ def test_seeding_stops_after_its_round_bound_and_says_so(monkeypatch, capsys):
         return [], {t: added.get(t, []) if len(calls) == 1 else [] for t in todo}
 
     monkeypatch.setattr(azr, "propose", propose_nothing)
-    cfg = azr.Config(seed_buffer_size=3)
+    cfg = Config(seed_buffer_size=3)
     buffers = Buffers()
     azr.seed_buffers(None, None, None, buffers, cfg, {"deduction": 1, "abduction": 1, "induction": 1},
                      random.Random(0))
