@@ -31,7 +31,8 @@ Correctness (check_answers, sandbox runs with repeats=2): deduction compares the
   and compares with the gold output; induction runs the predicted program on every held-out input and is correct
   only if ALL outputs match. Outputs are compared with sandbox.output_matches: a genuine literal, same_output.
 
-Per task type behaviour sits in the RULES registry (register_rules adds a task type).
+Per task type behaviour sits in the RULES registry; register_task_type adds a whole task type (prompts,
+parsers, rules and seed) in one call.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import buffers
+import prompts
 from buffers import Task, TaskBuffer, normalize_input, normalize_program
 from prompts import Answer, Proposal, rename_entry
 from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
@@ -220,8 +223,19 @@ RULES: dict[str, TaskRules] = {
 
 
 def register_rules(task_type: str, rules: TaskRules) -> None:
-    """Add (or replace) the validation/checking rules of a task type."""
+    """Add (or replace) the validation/checking rules of a task type (register_task_type does all of it)."""
     RULES[task_type] = rules
+
+
+def register_task_type(name: str, *, propose: Callable[..., str], solve: Callable[..., str],
+                       parse_proposal: Callable[..., Proposal], parse_answer: Callable[[str, bool], Answer],
+                       rules: TaskRules, seed: Callable[[], Task]) -> None:
+    """A new task type in one call: its prompts and parsers (prompts.register_task_type), its validation and answer
+    checks (RULES) and the seed task its buffer starts from (buffers.SEEDS). Then `--task-types ... name`."""
+    prompts.register_task_type(name, propose=propose, solve=solve, parse_proposal=parse_proposal,
+                               parse_answer=parse_answer)
+    register_rules(name, rules)
+    buffers.SEEDS[name] = seed
 
 
 # ----------------------------------------------------------------------------- validation and checking
