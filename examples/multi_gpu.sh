@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Several GPUs on one machine with `accelerate launch` (DDP): each GPU a full copy of the 4-bit model + LoRA.
+# Several GPUs on one machine with `accelerate launch` (data parallel): each GPU a full copy of the 4-bit model + LoRA.
 # Each process generates and scores its share of the rollouts, the tasks and rewards are gathered so every
-# process keeps the same buffers, and the gradients are all-reduced before each optimizer step; only rank 0
-# writes logs, plots and checkpoints. Tasks per iteration are the global count (split across processes).
+# process keeps the same buffers, and the gradients are all-reduced before each optimizer step; only the main
+# process writes logs, plots and checkpoints. Tasks per iteration are the global count (split across processes).
 # NOT RUN HERE ON GPUs (none on this machine). The same code path is tested on CPU (gloo) by
 # tests/test_distributed.py with `accelerate launch --multi_gpu --num_processes 2 --num_machines 1
 # --mixed_precision no --dynamo_backend no` on a tiny model (`accelerate launch --cpu --num_processes 2` starts
