@@ -246,12 +246,18 @@ def propose_io_prompt(task_type: str, references: list[Task], banned_words: Sequ
                               banned=", ".join(banned_words) or "(none)", references=refs)
 
 
-def propose_induction_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
-                             program: Task | None = None, num_inputs: int = 10) -> str:
+def induction_program(references: list[Task], program: Task | None) -> Task:
+    """The task whose program an induction proposer writes inputs for: `program`, else the first reference."""
     if program is None:
         if not references:
             raise ValueError("induction proposal needs a program (or at least one reference task)")
         program = references[0]
+    return program
+
+
+def propose_induction_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                             program: Task | None = None, num_inputs: int = 10) -> str:
+    program = induction_program(references, program)
     return _PROPOSE_INDUCTION.format(n=num_inputs, program=program.program.strip())
 
 
@@ -474,7 +480,7 @@ def register_task_type(name: str, *, propose: Callable[..., str], solve: Callabl
     PROPOSAL_PARSERS[name], ANSWER_PARSERS[name] = parse_proposal, parse_answer
 
 
-# The answer form a proposer prompt may end with (--proposer-answer-form): the tags and blocks spelled out, as the
+# The answer form a proposer prompt may end with (--proposer-prompt form): the tags and blocks spelled out, as the
 # solver prompts do. A deviation from the official prompts, measured in bench/bench_proposals.py (README).
 _IO_FORM = """Reply in exactly this form:
 <think>
@@ -570,19 +576,12 @@ your hint
 </answer>"""
 
 
-def compact_propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
-                           program: Task | None = None, num_inputs: int = 10) -> str:
-    """The compact proposer prompt for small models (PROPOSER_PROMPTS "compact")."""
-    if task_type == "induction":
-        program = program or (references[0] if references else None)
-        if program is None:
-            raise ValueError("induction proposal needs a program (or at least one reference task)")
-        example = program.inputs[0] if program.inputs else program.input
-        lines = "\n".join(f"your input {i + 1}" for i in range(num_inputs))
-        return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip(),
-                                         lines=lines)
+def compact_io_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                      program: Task | None = None, num_inputs: int = 10) -> str:
+    """Compact deduction/abduction proposer prompt; the form is filled in with the first reference, so nothing in
+    it can be copied except as a duplicate."""
     refs = "\n".join(render_reference(t, i) for i, t in enumerate(references)) or "(none)"
-    if references:   # the form filled in with the first reference: nothing in it to copy but a duplicate
+    if references:
         form = dict(form_note="shown filled in with snippet_0; yours must be a new function and input",
                     form_program=references[0].program.strip(), form_input=references[0].input.strip())
     else:
@@ -591,18 +590,33 @@ def compact_propose_prompt(task_type: str, references: list[Task], banned_words:
     return _COMPACT_IO.format(**_COMPACT_GOALS[task_type], references=refs, **form)
 
 
+def compact_induction_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                             program: Task | None = None, num_inputs: int = 10) -> str:
+    """Compact induction proposer prompt: the program, an example call of it, one placeholder line per input."""
+    program = induction_program(references, program)
+    example = program.inputs[0] if program.inputs else program.input
+    lines = "\n".join(f"your input {i + 1}" for i in range(num_inputs))
+    return _COMPACT_INDUCTION.format(n=num_inputs, program=program.program.strip(), example=example.strip(),
+                                     lines=lines)
+
+
+# The compact prompt of each task type that has one (--proposer-prompt compact); others use the official prompt.
+COMPACT_PROMPTS: dict[str, Callable[..., str]] = {
+    "deduction": compact_io_prompt, "abduction": compact_io_prompt, "induction": compact_induction_prompt}
+
+
 PROPOSER_PROMPTS = ("official", "form", "compact")
 
 
 def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
                    program: Task | None = None, num_inputs: int = 10, style: str = "official") -> str:
     """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
-    (the official wording), "form" (official + the task type's PROPOSE_FORMS entry), "compact" (the short prompt
-    for the built-in task types; others fall back to official)."""
+    (the official wording), "form" (official + the task type's PROPOSE_FORMS entry), "compact" (its COMPACT_PROMPTS
+    entry; a task type without one gets the official prompt)."""
     if style not in PROPOSER_PROMPTS:
         raise ValueError(f"unknown proposer prompt {style!r}; choose from {', '.join(PROPOSER_PROMPTS)}")
-    if style == "compact" and task_type in ("deduction", "abduction", "induction"):
-        return compact_propose_prompt(task_type, references, banned_words, program, num_inputs)
+    if style == "compact" and task_type in COMPACT_PROMPTS:
+        return COMPACT_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
     text = PROPOSE_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
     return text.rstrip("\n") + "\n\n" + PROPOSE_FORMS[task_type] if style == "form" and task_type in PROPOSE_FORMS else text
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = ["bench_azr.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py"]
 
 
 def test_every_benchmark_is_listed():
     assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(SCRIPTS)
-
-
-SCRIPTS = ["bench_azr.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
