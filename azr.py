@@ -6,6 +6,7 @@ One model plays two roles on Python code tasks. Each iteration (the paper's Algo
     2. validate them by executing them in the sandbox (syntax, forbidden modules, determinism)
     3. learnability: N solver samples per valid task -> proposer reward 1 - mean solve rate
     4. solve    a batch per task type (this iteration's new tasks first)  -> solver reward
+                (steps 3 and 4 share one generation pass: repeated prompts are prefilled once)
     5. TRR++    advantages normalised per (task type, role), one PPO-style clipped update
     6. buffers take the new valid tasks; log; checkpoint
 
@@ -242,14 +243,17 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
     return samples
 
 
-def learnability(policy, tokenizer, sb: Sandbox, proposals: list[Rollout], buffers: Buffers, cfg: Config,
-                 lenient: bool, iteration: int, timer: "Timer") -> None:
-    """Step 3: proposer rewards. A valid, well-formatted proposal gets 1 - r from N solver samples (temperature
-    as in training, no gradient; r counts correct answers whatever their format); any other proposal gets -1, so
-    only those are sampled."""
+def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
+    """Step 3's solver tasks: N copies of each valid, well-formatted proposal (the only ones it scores)."""
+    return [s.validation.task for s in proposals if s.validation.valid and s.well_formatted
+            for _ in range(cfg.learnability_samples)]
+
+
+def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buffers, cfg: Config) -> None:
+    """Step 3: proposer rewards from the N attempts at each learnability task (temperature as in training, no
+    gradient). A scored proposal gets 1 - r, where r counts correct answers whatever their format; any other
+    proposal gets -1."""
     scored = [s for s in proposals if s.validation.valid and s.well_formatted]
-    tasks = [s.validation.task for s in scored for _ in range(cfg.learnability_samples)]
-    attempts = solve(policy, tokenizer, sb, tasks, cfg, lenient, f"estimate it{iteration}", timer)
     for s in proposals:
         s.reward = INVALID_PROPOSAL_REWARD
     for k, s in enumerate(scored):
@@ -453,7 +457,8 @@ def iteration_metrics(iteration: int, samples: list[Rollout], buffers: Buffers, 
     m["tokens_per_second"] = timer.tokens / max(timer.seconds["generation"], 1e-9)
     g = timer.generation
     m.update({"generation/useful_tokens": g.useful_tokens, "generation/prefill_tokens": g.prefill_tokens,
-              "generation/decode_tokens": g.decode_tokens,
+              "generation/decode_tokens": g.decode_tokens, "generation/prefill_seconds": g.prefill_seconds,
+              "generation/decode_seconds": g.decode_seconds,
               "generation/useful_share_of_decode": g.useful_tokens / max(g.decode_tokens, 1)})
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cuda":
@@ -525,12 +530,16 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             # 1-2. propose and validate
             proposals, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts,
                                            force_accept, timer)
-            # 3. learnability -> proposer rewards
-            learnability(policy, tokenizer, sb, proposals, buffers, cfg, force_accept, iteration, timer)
-            # 4. solve a batch per task type, this iteration's new tasks first
+            # 3-4. solver answers, in one generation pass: N per valid proposal for its learnability, and a
+            # solver batch per task type, this iteration's new tasks first
+            estimate = learnability_tasks(proposals, cfg)
             batch = [t for task_type, n in counts.items()
                      for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
-            solutions = solve(policy, tokenizer, sb, batch, cfg, force_accept, f"solve    it{iteration}", timer)
+            answers = solve(policy, tokenizer, sb, estimate + batch, cfg, force_accept, f"solve    it{iteration}",
+                            timer)
+            attempts, solutions = answers[:len(estimate)], answers[len(estimate):]
+            # 3. learnability -> proposer rewards
+            learnability(proposals, attempts, buffers, cfg)
             # 5. TRR++ update over the six (task type, role) groups
             samples = (proposals if cfg.train_proposer else []) + solutions
             task_relative_advantages(samples)

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seed size 1: the identity triplets only; --seed-file adds the official seeds.
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=6, num_references=2, learnability_samples=4,
                      seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
-                     proposer_prompt="compact", induction_inputs=4, generation_batch_size=16, micro_batch_size=2,
+                     proposer_prompt="compact", induction_inputs=4, generation_batch_size=32, micro_batch_size=2,
                      mini_batches=2,
                      output_dir="runs/cpu-demo"),
     # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.

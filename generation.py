@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 STOP_STRINGS = ("</answer>",)    # an answer is complete there; a small model would go on writing new turns
@@ -39,7 +40,12 @@ class GenerationStats:
     prefill_tokens: int = 0      # prompt positions computed, padding included
     decode_tokens: int = 0       # decode positions computed: rows x steps, finished rows included
     useful_tokens: int = 0       # response tokens returned
-    seconds: float = 0.0
+    prefill_seconds: float = 0.0  # computing the prompts' KV cache
+    decode_seconds: float = 0.0   # sampling the responses
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
 
     def add(self, other: GenerationStats) -> None:
         for name in self.__dataclass_fields__:
@@ -69,9 +75,10 @@ def _stop_check(tokenizer, stops: set[int]):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
-             top_p: float = 1.0, batch_size: int = 16, desc: str | None = None,
+             top_p: float = 1.0, batch_size: int = 16, share_prefill: bool = True, desc: str | None = None,
              stats: GenerationStats | None = None) -> list[Generation]:
-    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs."""
+    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs.
+    With share_prefill, a prompt repeated within a batch (the N learnability samples) is prefilled once."""
     was_training = model.training
     model.eval()
     stops = stop_token_ids(model, tokenizer)
@@ -79,17 +86,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
                 dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i]))   # repeats side by side
     out: list[Generation | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=desc is None)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt").to(device)
+        batch = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
         t0 = time.perf_counter()
-        sequences = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                   pad_token_id=tokenizer.pad_token_id, stop_strings=list(STOP_STRINGS),
-                                   tokenizer=tokenizer)
+        cache, computed = prefill(model, batch["input_ids"], batch["attention_mask"],
+                                  [tuple(encoded[i]) if share_prefill else row for row, i in enumerate(idx)])
+        t1 = time.perf_counter()
+        sequences = model.generate(**batch, past_key_values=cache, **sampling, max_new_tokens=max_new_tokens,
+                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                   stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(idx):
             response = sequences[row, width:].tolist()
@@ -98,11 +108,35 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
             out[i] = Generation(encoded[i], response, tokenizer.decode(response, skip_special_tokens=True),
                                 truncated=cut is None)
         if stats is not None:
-            stats.add(GenerationStats(prefill_tokens=batch["input_ids"].numel(),
-                                      decode_tokens=len(idx) * (sequences.shape[1] - width),
+            stats.add(GenerationStats(prefill_tokens=computed, decode_tokens=len(idx) * (sequences.shape[1] - width),
                                       useful_tokens=sum(len(out[i].response_ids) for i in idx),
-                                      seconds=time.perf_counter() - t0))
+                                      prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1))
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask with the rows right-aligned, as decoder-only generation needs."""
+    width = max(len(r) for r in rows)
+    ids = [[pad_id] * (width - len(r)) + r for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: list) -> tuple[DynamicCache, int]:
+    """The KV cache of every row's prompt but its last token, computed once per distinct key; rows with the same
+    key share it. `generate` then decodes from the last prompt token. Returns the cache and positions computed."""
+    first = {key: row for row, key in reversed(list(enumerate(keys)))}      # the first row of each distinct key
+    distinct = sorted(first.values())
+    ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
+    cache = DynamicCache(config=model.config)
+    if ids.shape[1] == 0:                                                   # one-token prompts: nothing to cache
+        return cache, 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)             # as generate numbers them
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    if len(distinct) < len(keys):
+        cache.batch_select_indices(torch.tensor([distinct.index(first[key]) for key in keys], device=ids.device))
+    return cache, input_ids.shape[1] * len(distinct)

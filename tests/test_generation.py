@@ -49,7 +49,9 @@ def test_stops_truncation_and_costs(tiny):
         assert g.truncated == (len(g.response_ids) == 6 and g.response_ids[-1] not in stops)
         assert all(t not in stops for t in g.response_ids[:-1])      # cut after the first stop token
     assert stats.useful_tokens == sum(len(g.response_ids) for g in out) <= stats.decode_tokens
-    assert stats.prefill_tokens >= sum(len(g.prompt_ids) for g in out) and stats.seconds > 0
+    distinct = {tuple(g.prompt_ids) for g in out}
+    assert sum(map(len, distinct)) - len(distinct) <= stats.prefill_tokens < sum(len(g.prompt_ids) for g in out)
+    assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
 
 
 def test_a_response_ends_at_its_closing_answer_tag(tiny):
@@ -60,3 +62,13 @@ def test_a_response_ends_at_its_closing_answer_tag(tiny):
     assert finished(ids("x</answer>\n"))
     assert not finished(ids("x</think><answer>```output\n1\n```")) and not finished([])
     assert finished(ids("abc") + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+
+
+def test_a_shared_prefill_gives_the_same_greedy_text(tiny):
+    model, tokenizer = tiny
+    prompts = prompts_mix(tokenizer)
+    shared, alone = GenerationStats(), GenerationStats()
+    a = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, stats=shared)
+    b = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, share_prefill=False, stats=alone)
+    assert [g.response_ids for g in a] == [g.response_ids for g in b]
+    assert shared.prefill_tokens < alone.prefill_tokens            # 3 + 2 repeats -> 2 distinct prefills

@@ -1,0 +1,115 @@
+"""bench/bench_generation.py — useful tokens/s of one self-play iteration's prompt mix: before and after, side by side.
+
+The mix is what a cpu-demo iteration generates: proposals (2 per task type), N learnability samples for 3 valid
+proposals (one per type) and a solver batch (2 per type), with the preset's token caps and sampling. Prompts are
+built by the loop's own code from the shipped official seed tasks. Two paths run in alternating rounds in one
+process:
+
+- padded: the loop as it was: three generation phases (propose, learnability, solve), every prompt prefilled,
+  batches of --padded-batch-size;
+- shared: the loop now: two phases (propose; learnability and solve together), a prompt repeated within a batch
+  prefilled once, batches of the preset's --generation-batch-size.
+
+It prints useful tokens/s of each path and their ratio, the share of computed decode positions that were useful,
+and the prefill/decode split. Then a reproducibility check: greedy decoding of the solver prompts through both
+paths, the same text expected.
+
+    python bench/bench_generation.py                 # default model, 2 rounds per path (about 15 minutes on 2 cores)
+    python bench/bench_generation.py --rounds 1 --model tests/tiny   # any model path or hub id
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo's flat modules
+import azr  # noqa: E402
+import model as models  # noqa: E402
+from buffers import TASK_TYPES, Buffers  # noqa: E402
+from config import PRESETS, Config  # noqa: E402
+from generation import GenerationStats, generate  # noqa: E402
+from prompts import propose_prompt, render, solve_prompt  # noqa: E402
+from sandbox import Sandbox  # noqa: E402
+
+SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
+
+
+def prompt_mix(tokenizer, cfg: Config, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(proposer prompts, learnability prompts with their N repeats, solver prompts), rendered as the loop does."""
+    rng = random.Random(seed)
+    buffers = Buffers(TASK_TYPES)
+    with Sandbox() as sb:
+        azr.load_seed_files(sb, buffers, Config(seed_file=[str(REPO / p) for p in SEED_FILES]))
+    pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
+    shown = cfg.induction_inputs // 2
+    propose = [propose_prompt(t, buffers[t].sample_references(cfg.num_references, rng), program=rng.choice(pool),
+                              num_inputs=cfg.induction_inputs, style=cfg.proposer_prompt)
+               for t in TASK_TYPES for _ in range(2)]
+    estimate = [solve_prompt(rng.choice(buffers[t].tasks), num_shown=shown) for t in TASK_TYPES]
+    estimate = [p for p in estimate for _ in range(cfg.learnability_samples)]
+    solve = [solve_prompt(task, num_shown=shown) for t in TASK_TYPES for task in rng.sample(buffers[t].tasks, 2)]
+    return tuple([render(tokenizer, p, cfg.template) for p in ps] for ps in (propose, estimate, solve))
+
+
+def run_path(policy, tokenizer, mix, cfg: Config, shared: bool, batch_size: int, temperature: float,
+             top_p: float, cap_solve: int | None = None) -> tuple[GenerationStats, list[str]]:
+    """One iteration's generation through one path; returns its costs and the solver-phase texts."""
+    propose, estimate, solve = mix
+    stats = GenerationStats()
+    kw = dict(temperature=temperature, top_p=top_p, batch_size=batch_size, share_prefill=shared, stats=stats)
+    solve_cap = cap_solve or cfg.max_new_tokens_solve
+    if cap_solve is None:
+        generate(policy, tokenizer, propose, cfg.max_new_tokens_propose, **kw)
+    if shared:
+        texts = [g.text for g in generate(policy, tokenizer, estimate + solve, solve_cap, **kw)]
+    else:
+        texts = [g.text for phase in (estimate, solve) for g in generate(policy, tokenizer, phase, solve_cap, **kw)]
+    return stats, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per path, alternating padded / shared")
+    parser.add_argument("--padded-batch-size", type=int, default=16, help="the padded path's batch (the old preset)")
+    parser.add_argument("--greedy-tokens", type=int, default=128, help="token cap of the reproducibility check")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    cfg = Config(**PRESETS["cpu-demo"])
+    models.set_torch_threads()
+    policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    mix = prompt_mix(tokenizer, cfg, args.seed)
+    print(f"mix: {len(mix[0])} proposals, {len(mix[1])} learnability samples, {len(mix[2])} solver answers; "
+          f"padded batch {args.padded_batch_size}, shared batch {cfg.generation_batch_size}", flush=True)
+    totals = {"padded": GenerationStats(), "shared": GenerationStats()}
+    for r in range(args.rounds):
+        for name in ("padded", "shared"):
+            torch.manual_seed(args.seed + r)
+            batch = cfg.generation_batch_size if name == "shared" else args.padded_batch_size
+            stats, _ = run_path(policy, tokenizer, mix, cfg, name == "shared", batch, cfg.temperature, cfg.top_p)
+            totals[name].add(stats)
+            print(f"round {r + 1} {name:6s} {stats.useful_tokens:5d} useful tokens in {stats.seconds:6.1f} s "
+                  f"= {stats.useful_tokens / stats.seconds:5.1f} tok/s (prefill {stats.prefill_seconds:5.1f} s, "
+                  f"{stats.prefill_tokens} positions; decode {stats.decode_seconds:6.1f} s, "
+                  f"useful/decoded {stats.useful_tokens / stats.decode_tokens:.2f})", flush=True)
+    rate = {k: s.useful_tokens / s.seconds for k, s in totals.items()}
+    for name, s in totals.items():
+        print(f"{name:6s} useful tok/s {rate[name]:5.1f}  useful/decoded {s.useful_tokens / s.decode_tokens:.2f}  "
+              f"prefill {s.prefill_seconds:6.1f} s  decode {s.decode_seconds:6.1f} s")
+    print(f"ratio shared / padded: {rate['shared'] / rate['padded']:.2f}x")
+    t0 = time.perf_counter()
+    _, padded = run_path(policy, tokenizer, mix, cfg, False, args.padded_batch_size, 0.0, 1.0, args.greedy_tokens)
+    _, shared = run_path(policy, tokenizer, mix, cfg, True, cfg.generation_batch_size, 0.0, 1.0, args.greedy_tokens)
+    same = sum(a == b for a, b in zip(padded, shared))
+    print(f"greedy check ({args.greedy_tokens} tokens, solver prompts): {same}/{len(padded)} identical texts "
+          f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
