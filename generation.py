@@ -8,19 +8,23 @@ chat turn, `<|endoftext|>` a document; the plain R1 template can end in either),
 "Assistant:" turns until the token cap). This is the one place a faster engine (vLLM on a GPU) would plug in:
 it only has to return Generations.
 
-A hand-written decode loop that computed shared prompt prefixes once and dropped finished rows was measured
-against this on the cpu-demo prompt mix (bench_generation.py at commit c663207): 29.9 against 31.9 useful
-tokens/s. On this CPU a decode step costs about the same whatever the batch size, so dropping rows saves little,
-and it was not kept (README, Measured).
+What makes it fast on a CPU (bench/bench_generation.py, README "Measured"): a decode step costs about the same
+for 6 rows as for 18, so the loop generates as many rows at once as it can; a prompt repeated within a batch (the
+N learnability samples of a task) is prefilled once and its cache shared; the trainable LoRA weights, kept in
+float32 for the optimizer, are cast to the base weights' dtype while sampling, so no activation is cast to float32
+and back in every layer; and `</answer>` is found by a check of the last token, not by transformers'
+`stop_strings`, which cost about 50 ms per decode step here.
 """
 from __future__ import annotations
 
+import functools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 STOP_STRINGS = ("</answer>",)    # an answer is complete there; a small model would go on writing new turns
@@ -73,48 +77,97 @@ def _stop_check(tokenizer, stops: set[int]):
     return finished
 
 
+class EndsWithStopString(StoppingCriteria):
+    """Per row: has the response's text reached one of STOP_STRINGS? Only rows whose last token holds the
+    strings' last character are decoded, so a step costs almost nothing."""
+
+    def __init__(self, tokenizer, prompt_width: int) -> None:
+        self.finished = _stop_check(tokenizer, set())
+        self.candidates = _tokens_ending_stop_strings(tokenizer)
+        self.width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [tokens[-1] in self.candidates and self.finished(tokens[self.width:])
+                for tokens in input_ids.tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens_ending_stop_strings(tokenizer) -> frozenset[int]:
+    """Ids of the tokens whose text holds the last character of a stop string."""
+    last_chars = {text[-1] for text in STOP_STRINGS}
+    return frozenset(i for token, i in tokenizer.get_vocab().items()
+                     if any(c in tokenizer.convert_tokens_to_string([token]) for c in last_chars))
+
+
+@contextmanager
+def adapters_in_base_dtype(model):
+    """While sampling, cast trainable (LoRA) weights that are float32 for the optimizer to the dtype of the frozen
+    base weights, and restore them after: the adapter then runs in the base dtype instead of casting every
+    layer's activations to float32 and back."""
+    base = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    saved = [(p, p.data) for p in model.parameters() if p.requires_grad and base is not None and p.dtype != base]
+    for p, data in saved:
+        p.data = data.to(base)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
-             top_p: float = 1.0, batch_size: int = 16, share_prefill: bool = True, desc: str | None = None,
+             top_p: float = 1.0, batch_size: int = 16, desc: str | None = None,
              stats: GenerationStats | None = None) -> list[Generation]:
-    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs.
-    With share_prefill, a prompt repeated within a batch (the N learnability samples) is prefilled once."""
+    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs."""
     was_training = model.training
     model.eval()
-    stops = stop_token_ids(model, tokenizer)
-    finished = _stop_check(tokenizer, set(stops))
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
                 dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i]))   # repeats side by side
     out: list[Generation | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=desc is None)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, device)
-        t0 = time.perf_counter()
-        cache, computed = prefill(model, batch["input_ids"], batch["attention_mask"],
-                                  [tuple(encoded[i]) if share_prefill else row for row, i in enumerate(idx)])
-        t1 = time.perf_counter()
-        sequences = model.generate(**batch, past_key_values=cache, **sampling, max_new_tokens=max_new_tokens,
-                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                   stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
-        width = batch["input_ids"].shape[1]
-        for row, i in enumerate(idx):
-            response = sequences[row, width:].tolist()
-            cut = next((j + 1 for j in range(len(response)) if finished(response[:j + 1])), None)
-            response = response[:cut] if cut else response
-            out[i] = Generation(encoded[i], response, tokenizer.decode(response, skip_special_tokens=True),
-                                truncated=cut is None)
-        if stats is not None:
-            stats.add(GenerationStats(prefill_tokens=computed, decode_tokens=len(idx) * (sequences.shape[1] - width),
-                                      useful_tokens=sum(len(out[i].response_ids) for i in idx),
-                                      prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1))
-        bar.update(len(idx))
+    with adapters_in_base_dtype(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch_stats = GenerationStats()
+            for i, g in zip(idx, _generate_batch(model, tokenizer, [encoded[i] for i in idx], max_new_tokens,
+                                                 sampling, batch_stats)):
+                out[i] = g
+            if stats is not None:
+                stats.add(batch_stats)
+            bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, sampling: dict,
+                    stats: GenerationStats) -> list[Generation]:
+    """One left-padded batch: the shared prefill, then model.generate from the last prompt token."""
+    stops = stop_token_ids(model, tokenizer)
+    finished = _stop_check(tokenizer, set(stops))
+    batch = left_pad(rows, tokenizer.pad_token_id, next(model.parameters()).device)
+    width = batch["input_ids"].shape[1]
+    t0 = time.perf_counter()
+    cache, stats.prefill_tokens = prefill(model, batch["input_ids"], batch["attention_mask"], [tuple(r) for r in rows])
+    t1 = time.perf_counter()
+    sequences = model.generate(**batch, past_key_values=cache, **sampling, max_new_tokens=max_new_tokens,
+                               eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                               stopping_criteria=StoppingCriteriaList([EndsWithStopString(tokenizer, width)]))
+    stats.prefill_seconds, stats.decode_seconds = t1 - t0, time.perf_counter() - t1
+    stats.decode_tokens = len(rows) * (sequences.shape[1] - width)
+    out = []
+    for row, prompt_ids in enumerate(rows):
+        response = sequences[row, width:].tolist()
+        cut = next((j + 1 for j in range(len(response)) if finished(response[:j + 1])), None)
+        response = response[:cut] if cut else response
+        out.append(Generation(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True),
+                              truncated=cut is None))
+    stats.useful_tokens = sum(len(g.response_ids) for g in out)
+    return out
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -5,10 +5,12 @@ proposals (one per type) and a solver batch (2 per type), with the preset's toke
 built by the loop's own code from the shipped official seed tasks. Two paths run in alternating rounds in one
 process:
 
-- padded: the loop as it was: three generation phases (propose, learnability, solve), every prompt prefilled,
+- padded: the loop as it was: three generation phases (propose, learnability, solve) through `padded_generate`
+  below (plain batched `model.generate`: every prompt prefilled, LoRA in float32, transformers' `stop_strings`),
   batches of --padded-batch-size;
-- shared: the loop now: two phases (propose; learnability and solve together), a prompt repeated within a batch
-  prefilled once, batches of the preset's --generation-batch-size.
+- shared: the loop now: two phases (propose; learnability and solve together) through `generation.generate`
+  (a prompt repeated within a batch prefilled once, LoRA in the base dtype while sampling, a last-token stop
+  check), batches of the preset's --generation-batch-size.
 
 It prints useful tokens/s of each path and their ratio, the share of computed decode positions that were useful,
 and the prefill/decode split. Then a reproducibility check: greedy decoding of the solver prompts through both
@@ -33,7 +35,7 @@ import azr  # noqa: E402
 import model as models  # noqa: E402
 from buffers import TASK_TYPES, Buffers  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
-from generation import GenerationStats, generate  # noqa: E402
+from generation import STOP_STRINGS, GenerationStats, _stop_check, generate, left_pad, stop_token_ids  # noqa: E402,E501
 from prompts import propose_prompt, render, solve_prompt  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
@@ -57,20 +59,51 @@ def prompt_mix(tokenizer, cfg: Config, seed: int) -> tuple[list[str], list[str],
     return tuple([render(tokenizer, p, cfg.template) for p in ps] for ps in (propose, estimate, solve))
 
 
+@torch.no_grad()
+def padded_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float,
+                    top_p: float, batch_size: int, stats: GenerationStats) -> list[str]:
+    """The baseline: the project's generation before the changes measured here."""
+    model.eval()
+    stops = stop_token_ids(model, tokenizer)
+    finished = _stop_check(tokenizer, set(stops))
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
+                dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id, "cpu")
+        t0 = time.perf_counter()
+        sequences = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                   pad_token_id=tokenizer.pad_token_id, stop_strings=list(STOP_STRINGS),
+                                   tokenizer=tokenizer)
+        width = batch["input_ids"].shape[1]
+        for row, i in enumerate(idx):
+            response = sequences[row, width:].tolist()
+            cut = next((j + 1 for j in range(len(response)) if finished(response[:j + 1])), len(response))
+            texts[i] = tokenizer.decode(response[:cut], skip_special_tokens=True)
+            stats.useful_tokens += cut
+        stats.prefill_tokens += batch["input_ids"].numel()
+        stats.decode_tokens += len(idx) * (sequences.shape[1] - width)
+        stats.decode_seconds += time.perf_counter() - t0      # prefill inside generate: not split out
+    return texts
+
+
 def run_path(policy, tokenizer, mix, cfg: Config, shared: bool, batch_size: int, temperature: float,
              top_p: float, cap_solve: int | None = None) -> tuple[GenerationStats, list[str]]:
     """One iteration's generation through one path; returns its costs and the solver-phase texts."""
     propose, estimate, solve = mix
     stats = GenerationStats()
-    kw = dict(temperature=temperature, top_p=top_p, batch_size=batch_size, share_prefill=shared, stats=stats)
+    kw = dict(temperature=temperature, top_p=top_p, batch_size=batch_size, stats=stats)
     solve_cap = cap_solve or cfg.max_new_tokens_solve
-    if cap_solve is None:
-        generate(policy, tokenizer, propose, cfg.max_new_tokens_propose, **kw)
     if shared:
-        texts = [g.text for g in generate(policy, tokenizer, estimate + solve, solve_cap, **kw)]
-    else:
-        texts = [g.text for phase in (estimate, solve) for g in generate(policy, tokenizer, phase, solve_cap, **kw)]
-    return stats, texts
+        if cap_solve is None:
+            generate(policy, tokenizer, propose, cfg.max_new_tokens_propose, **kw)
+        return stats, [g.text for g in generate(policy, tokenizer, estimate + solve, solve_cap, **kw)]
+    if cap_solve is None:
+        padded_generate(policy, tokenizer, propose, cfg.max_new_tokens_propose, **kw)
+    return stats, [t for phase in (estimate, solve) for t in padded_generate(policy, tokenizer, phase, solve_cap, **kw)]
 
 
 def main() -> None:
@@ -98,6 +131,7 @@ def main() -> None:
                   f"= {stats.useful_tokens / stats.seconds:5.1f} tok/s (prefill {stats.prefill_seconds:5.1f} s, "
                   f"{stats.prefill_tokens} positions; decode {stats.decode_seconds:6.1f} s, "
                   f"useful/decoded {stats.useful_tokens / stats.decode_tokens:.2f})", flush=True)
+        # the padded path's prefill runs inside model.generate, so its time is counted as decode
     rate = {k: s.useful_tokens / s.seconds for k, s in totals.items()}
     for name, s in totals.items():
         print(f"{name:6s} useful tok/s {rate[name]:5.1f}  useful/decoded {s.useful_tokens / s.decode_tokens:.2f}  "

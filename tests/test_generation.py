@@ -67,8 +67,31 @@ def test_a_response_ends_at_its_closing_answer_tag(tiny):
 def test_a_shared_prefill_gives_the_same_greedy_text(tiny):
     model, tokenizer = tiny
     prompts = prompts_mix(tokenizer)
-    shared, alone = GenerationStats(), GenerationStats()
-    a = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, stats=shared)
-    b = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, share_prefill=False, stats=alone)
-    assert [g.response_ids for g in a] == [g.response_ids for g in b]
-    assert shared.prefill_tokens < alone.prefill_tokens            # 3 + 2 repeats -> 2 distinct prefills
+    shared = GenerationStats()
+    together = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, stats=shared)
+    alone = [generate(model, tokenizer, [p], 12, temperature=0.0, batch_size=1)[0] for p in prompts]
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+    width = max(len(g.prompt_ids) for g in together)
+    assert shared.prefill_tokens == width * len(set(prompts))      # 3 + 2 repeats -> 2 distinct prefills
+
+
+def test_adapters_run_in_the_base_dtype_while_sampling_and_are_restored():
+    from generation import adapters_in_base_dtype
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16), torch.nn.Linear(4, 4))
+    net[0].requires_grad_(False)
+    lora = net[1].weight
+    before = lora.detach().clone()
+    with adapters_in_base_dtype(net):
+        assert net[1].weight.dtype == torch.bfloat16 and net[0].weight.dtype == torch.bfloat16
+    assert net[1].weight is lora and lora.dtype == torch.float32 and torch.equal(lora, before)
+
+
+def test_the_stop_string_criterion_stops_exactly_the_rows_whose_text_ends_in_it(tiny):
+    from generation import EndsWithStopString
+    _, tokenizer = tiny
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
+    prompt = ids("question </answer>")                      # the prompt's own tag does not count
+    stop = EndsWithStopString(tokenizer, len(prompt))
+    ended = lambda text: stop(torch.tensor([prompt + ids(text)]), None).tolist() == [True]   # noqa: E731
+    assert ended("x</think><answer>1</answer>") and ended("x</answer>")
+    assert not ended("x</think><answer>1</ans") and not ended("a > b") and not ended("")
