@@ -132,18 +132,22 @@ def main() -> None:
                   f"{stats.prefill_tokens} positions; decode {stats.decode_seconds:6.1f} s, "
                   f"useful/decoded {stats.useful_tokens / stats.decode_tokens:.2f})", flush=True)
         # the padded path's prefill runs inside model.generate, so its time is counted as decode
-    rate = {k: s.useful_tokens / s.seconds for k, s in totals.items()}
-    for name, s in totals.items():
-        print(f"{name:6s} useful tok/s {rate[name]:5.1f}  useful/decoded {s.useful_tokens / s.decode_tokens:.2f}  "
-              f"prefill {s.prefill_seconds:6.1f} s  decode {s.decode_seconds:6.1f} s")
-    print(f"ratio shared / padded: {rate['shared'] / rate['padded']:.2f}x")
+    if args.rounds:
+        rate = {k: s.useful_tokens / s.seconds for k, s in totals.items()}
+        for name, s in totals.items():
+            print(f"{name:6s} useful tok/s {rate[name]:5.1f}  useful/decoded {s.useful_tokens / s.decode_tokens:.2f}  "
+                  f"prefill {s.prefill_seconds:6.1f} s  decode {s.decode_seconds:6.1f} s  total {s.seconds:6.1f} s")
+        print(f"ratio shared / padded: useful tok/s {rate['shared'] / rate['padded']:.2f}x, "
+              f"time for the same prompts {totals['padded'].seconds / totals['shared'].seconds:.2f}x")
     t0 = time.perf_counter()
-    _, padded = run_path(policy, tokenizer, mix, cfg, False, args.padded_batch_size, 0.0, 1.0, args.greedy_tokens)
-    _, shared = run_path(policy, tokenizer, mix, cfg, True, cfg.generation_batch_size, 0.0, 1.0, args.greedy_tokens)
-    same = sum(a == b for a, b in zip(padded, shared))
-    print(f"greedy check ({args.greedy_tokens} tokens, solver prompts): {same}/{len(padded)} identical texts "
-          f"({time.perf_counter() - t0:.0f} s)")
-
+    greedy = dict(temperature=0.0, top_p=1.0, cap_solve=args.greedy_tokens)
+    _, padded = run_path(policy, tokenizer, mix, cfg, False, args.padded_batch_size, **greedy)
+    _, shared = run_path(policy, tokenizer, mix, cfg, True, cfg.generation_batch_size, **greedy)
+    _, regrouped = run_path(policy, tokenizer, mix, cfg, False, 4, **greedy)     # same path, other batch shapes
+    same = lambda a, b: sum(x == y for x, y in zip(a, b))                      # noqa: E731
+    print(f"greedy check ({args.greedy_tokens} tokens, {len(padded)} solver prompts, {time.perf_counter() - t0:.0f} s):"
+          f" shared = padded {same(shared, padded)}/{len(padded)}; padded in batches of 4 = padded in batches of "
+          f"{args.padded_batch_size} {same(regrouped, padded)}/{len(padded)} (the numerical noise of the batch shape)")
 
 if __name__ == "__main__":
     main()
