@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="take the LAST N items instead: the held-out slice azr.py --eval-every --eval-limit N uses")
     p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl in the repo, else the hub")
     p.add_argument("--output", default="runs/eval_report.json", help="JSON report path")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="response cap per item")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES,
                    help=f"prompt template, as in training (default {DEFAULT_TEMPLATE})")
