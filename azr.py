@@ -43,23 +43,19 @@ import runlog
 from buffers import Buffers, Task, read_seed_file
 from config import PRESETS, Config, ConfigError, check_config, flag
 from generation import GenerationStats, generate
-from prompts import (
-    RESPONSE_PREFIX,
-    Proposal,
-    parse_answer,
-    parse_proposal,
-    propose_prompt,
-    rename_entry,
-    render,
-    solve_prompt,
-)
+from prompts import RESPONSE_PREFIX, Proposal, rename_entry, render
 from rewards import (
     INVALID_PROPOSAL_REWARD,
     ValidationResult,
     check_answers,
     complexity_reward,
     diversity_reward,
+    parse_answer,
+    parse_proposal,
+    propose_prompt,
     proposer_reward,
+    seed_task,
+    solve_prompt,
     solver_reward,
     validate_proposals,
 )
@@ -507,7 +503,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     if resume:
         start, buffers, rng = runlog.load_checkpoint(run_dir, policy, optimizer)
     else:
-        buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity)
+        buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity, seed=seed_task)
     if state.is_main_process:                                       # only the main process writes the run dir
         runlog.truncate_logs(run_dir, start)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -19,13 +19,9 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-TASK_TYPES = ("deduction", "abduction", "induction")
-
-IDENTITY_PROGRAM = "def f(a):\n    return a"
 
 
 @dataclass
@@ -70,22 +66,6 @@ def normalize_input(text: str) -> str:
             + repr([k.arg for k in call.keywords])
     except Exception:
         return text.strip()
-
-
-# seeds: the paper's identity triplet `def f(a): return a` on 'Hello world'
-_SEED_INDUCTION_INPUTS = ["'Hello world'", "1", "[1, 2, 3]", "{'a': 1}", "(4, 'b')",
-                          "''", "-2.5", "True", "None", "[[0], 'x']"]
-SEEDS = {
-    "deduction": lambda: Task("deduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"),
-    "abduction": lambda: Task("abduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"),
-    "induction": lambda: Task("induction", IDENTITY_PROGRAM, inputs=list(_SEED_INDUCTION_INPUTS),
-                              outputs=list(_SEED_INDUCTION_INPUTS), message="Return the argument unchanged."),
-}
-
-
-def seed_task(task_type: str) -> Task:
-    """The identity seed task for a task type (register more in SEEDS)."""
-    return SEEDS[task_type]()
 
 
 class SeedFileError(ValueError):
@@ -184,13 +164,14 @@ class TaskBuffer:
 class Buffers:
     """One TaskBuffer per task type, dict-like."""
 
-    def __init__(self, task_types: Iterable[str] = TASK_TYPES, capacity: int = 10_000, seed: bool = True):
+    def __init__(self, task_types: Iterable[str], capacity: int = 10_000,
+                 seed: Callable[[str], Task] | None = None):
+        """Empty buffers, or each holding seed(task_type) (the loop passes rewards.seed_task)."""
         self.capacity = capacity
         self.buffers: dict[str, TaskBuffer] = {tt: TaskBuffer(tt, capacity) for tt in task_types}
-        if seed:
+        if seed is not None:
             for tt, buf in self.buffers.items():
-                if tt in SEEDS:
-                    buf.add([seed_task(tt)])
+                buf.add([seed(tt)])
 
     def __getitem__(self, task_type: str) -> TaskBuffer:
         return self.buffers[task_type]
@@ -240,7 +221,7 @@ class Buffers:
             meta = json.loads(lines.pop(0))["_meta"]
         tasks = [Task.from_dict(json.loads(ln)) for ln in lines]
         types = meta.get("task_types") or list(dict.fromkeys(t.task_type for t in tasks))
-        out = cls(types, capacity=meta.get("capacity", 10_000), seed=False)
+        out = cls(types, capacity=meta.get("capacity", 10_000))
         for t in tasks:
             if t.task_type not in out.buffers:
                 out.buffers[t.task_type] = TaskBuffer(t.task_type, out.capacity)

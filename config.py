@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import model as models
-from buffers import TASK_TYPES, SeedFileError, read_seed_file
-from prompts import DEFAULT_TEMPLATE, PROPOSE_PROMPTS, PROPOSER_PROMPTS, TEMPLATES
+from buffers import SeedFileError, read_seed_file
+from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
+from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Config:
     num_iterations: int = field(default=100, metadata={"help": "total iterations of the run; --resume with a larger value extends a run"})
     checkpoint_every: int = field(default=1, metadata={"help": "write a checkpoint every this many iterations (and at the end)"})
     # self-play
-    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
+    task_types: list[str] = field(default_factory=lambda: list(BUILTIN_TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
     task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; e.g. 0.3 0.3 0.4)"})
     tasks_per_iteration: int = field(default=192, metadata={"help": "proposals per iteration over all task types, split by --task-distribution; each type's solver batch has the same size (paper: 64 per type)"})
     num_references: int = field(default=6, metadata={"help": "K reference tasks shown to the proposer (paper: 6; 0 = the 'without references' ablation)"})
@@ -94,9 +95,9 @@ class ConfigError(ValueError):
 
 def check_config(cfg: Config) -> None:
     """Reject impossible settings early with a message naming the flag."""
-    unknown = [t for t in cfg.task_types if t not in PROPOSE_PROMPTS]   # registered task types (prompts.py)
+    unknown = [t for t in cfg.task_types if t not in TASK_TYPES]   # registered task types (rewards.py)
     if unknown or not cfg.task_types or len(set(cfg.task_types)) != len(cfg.task_types):
-        raise ConfigError(f"--task-types must be distinct values from {' '.join(PROPOSE_PROMPTS)}, "
+        raise ConfigError(f"--task-types must be distinct values from {' '.join(TASK_TYPES)}, "
                           f"got {' '.join(cfg.task_types)}")
     if cfg.task_distribution and (len(cfg.task_distribution) != len(cfg.task_types) or min(cfg.task_distribution) < 0
                                   or sum(cfg.task_distribution) <= 0):

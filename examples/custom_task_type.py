@@ -1,11 +1,12 @@
 """A fourth reasoning mode without touching azr.py: output type prediction ("typeof").
 
 Given a program and an input, the solver names the type of the value f returns (int, str, list, dict, ...);
-the proposer writes (program, input) pairs whose result type is hard to foresee. Everything type-specific in
-the loop goes through registries, so a new mode is one call, rewards.register_task_type, with its
-proposer/solver prompts, its proposal/answer parsers, how a proposal is validated in the sandbox and how an
-answer is judged (TaskRules), and the seed task its buffer starts from. Then `--task-types deduction typeof`
-(any mix; TRR++ normalises each (task type, role) group on its own).
+the proposer writes (program, input) pairs whose result type is hard to foresee. The loop reads everything
+type-specific from one definition per task type, so a new mode is one rewards.TaskType, written like the built-in
+rewards.DEDUCTION, ABDUCTION and INDUCTION and passed to rewards.register_task_type: its proposer/solver prompts,
+its proposal/answer parsers, how a proposal is validated in the sandbox and how an answer is judged, and the seed
+task its buffer starts from. Then `--task-types deduction typeof` (any mix; TRR++ normalises each (task type,
+role) group on its own).
 
     python examples/custom_task_type.py                     # deduction + typeof, cpu-demo sizes, default model
     python examples/custom_task_type.py --iterations 20     # any azr.py flag is passed through
@@ -83,13 +84,14 @@ def judge(task, answer, results, num_shown) -> bool:
     return type_name(answer.text) == task.output.lower()   # nothing the solver wrote is executed
 
 
-rewards.register_task_type(
-    NAME, propose=propose_prompt, solve=solve_prompt,
-    parse_proposal=prompts.parse_io_proposal,            # ```python + ```input, like deduction
-    parse_answer=prompts.ANSWER_PARSERS["deduction"],    # the ```output block
-    rules=rewards.TaskRules(proposal_jobs=lambda p: [(p.program, p.input)], build_task=build_task,
-                            soft_check=soft_check, answer_jobs=lambda task, answer, num_shown: [], judge=judge),
-    seed=lambda: buffers.Task(NAME, buffers.IDENTITY_PROGRAM, "'Hello world'", "str"))
+TYPEOF = rewards.TaskType(
+    name=NAME, propose=propose_prompt, solve=solve_prompt,   # no form or compact prompt: every style is official
+    parse_proposal=prompts.parse_io_proposal,                # ```python + ```input, like deduction
+    parse_answer=prompts.answer_parser("output"),            # the ```output block, like deduction
+    proposal_jobs=lambda p: [(p.program, p.input)], build_task=build_task, soft_check=soft_check,
+    answer_jobs=lambda task, answer, num_shown: [], judge=judge,
+    seed=lambda: buffers.Task(NAME, rewards.IDENTITY_PROGRAM, "'Hello world'", "str"))
+rewards.register_task_type(TYPEOF)
 
 FLAGS = ["--task-types", "deduction", NAME, "--output-dir", "runs/custom_task_type"]
 

@@ -10,8 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 
-from buffers import Task, seed_task  # noqa: E402
-from prompts import propose_prompt, render, solve_prompt  # noqa: E402
+from buffers import Task  # noqa: E402
+from prompts import render  # noqa: E402
+from rewards import propose_prompt, seed_task, solve_prompt  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -15,6 +15,7 @@ import torch
 import azr
 from buffers import Buffers, Task
 from config import Config
+from rewards import BUILTIN_TASK_TYPES, seed_task
 
 
 def tiny_args(model_dir: Path, run_dir: Path, iterations: int) -> list[str]:
@@ -222,7 +223,7 @@ def test_seed_files_are_revalidated_in_the_sandbox(tmp_path):
     path = tmp_path / "seeds.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = Config(seed_file=[str(path)])
-    buffers = Buffers()
+    buffers = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     with Sandbox(workers=1) as sb:
         azr.load_seed_files(sb, buffers, cfg)
     assert buffers.sizes() == {"deduction": 2, "abduction": 2, "induction": 2}
@@ -242,7 +243,7 @@ def test_seeding_stops_after_its_round_bound_and_says_so(monkeypatch, capsys):
 
     monkeypatch.setattr(azr, "propose", propose_nothing)
     cfg = Config(seed_buffer_size=3)
-    buffers = Buffers()
+    buffers = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     azr.seed_buffers(None, None, None, buffers, cfg, {"deduction": 1, "abduction": 1, "induction": 1},
                      random.Random(0))
     assert len(calls) == 4 + 3 and calls[0] == {"deduction": 2, "abduction": 2, "induction": 2}

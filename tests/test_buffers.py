@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from buffers import IDENTITY_PROGRAM, TASK_TYPES, Buffers, Task, TaskBuffer, normalize_program, seed_task
+from buffers import Buffers, Task, TaskBuffer, normalize_program
+from rewards import BUILTIN_TASK_TYPES, IDENTITY_PROGRAM, seed_task
 
 CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 
@@ -15,15 +16,15 @@ def mk(i: int, task_type: str = "deduction") -> Task:
 
 
 def test_seeds_are_identity_on_hello_world():
-    b = Buffers()
-    assert b.sizes() == {tt: 1 for tt in TASK_TYPES}
+    b = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
+    assert b.sizes() == {tt: 1 for tt in BUILTIN_TASK_TYPES}
     for tt in ("deduction", "abduction"):
         t = b[tt].tasks[0]
         assert (t.program, t.input, t.output, t.iteration) == (IDENTITY_PROGRAM, "'Hello world'", "'Hello world'", -1)
     ind = seed_task("induction")
     assert ind.program == IDENTITY_PROGRAM and ind.inputs == ind.outputs and len(ind.inputs) >= 6 and ind.message
     assert len(set(ind.inputs)) == len(ind.inputs)
-    assert Buffers(seed=False).sizes() == {tt: 0 for tt in TASK_TYPES}
+    assert Buffers(BUILTIN_TASK_TYPES).sizes() == {tt: 0 for tt in BUILTIN_TASK_TYPES}
 
 
 def test_dedup_normalised_program_and_input():
@@ -94,7 +95,7 @@ def test_solver_batch_new_first_then_top_up():
 
 
 def test_round_trip_lossless_and_atomic(tmp_path):
-    b = Buffers(capacity=50)
+    b = Buffers(BUILTIN_TASK_TYPES, capacity=50, seed=seed_task)
     b["deduction"].add([mk(i) for i in range(5)])
     weird = Task("induction", "def f(s):\n    return s[::-1]  # ünïcode ✓\n", inputs=["'a\\nb'", "'é'", '"\\"q\\""'],
                  outputs=["'b\\na'", "'é'", "'\"q\"'"], message="reverse\ttabs\nnewline", iteration=7)
@@ -107,7 +108,7 @@ def test_round_trip_lossless_and_atomic(tmp_path):
     assert "_meta" in json.loads(lines[0]) and len(lines) == 1 + sum(b.sizes().values())
     c = Buffers.load(path)
     assert c.sizes() == b.sizes() and c.capacity == 50 and c["abduction"].evicted == 3
-    for tt in TASK_TYPES:
+    for tt in BUILTIN_TASK_TYPES:
         assert c[tt].tasks == b[tt].tasks
     b.save(path)                                 # overwrite in place works
     assert Buffers.load(path)["induction"].tasks[-1] == weird
@@ -115,9 +116,9 @@ def test_round_trip_lossless_and_atomic(tmp_path):
 
 def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "b.jsonl"
-    Buffers().save(path)
+    Buffers(BUILTIN_TASK_TYPES, seed=seed_task).save(path)
     before = path.read_text()
-    b = Buffers()
+    b = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     b["deduction"].add([mk(1)])
     import buffers as mod
 
@@ -137,14 +138,14 @@ def test_task_dict_round_trip_ignores_unknown_keys():
 
 
 def test_custom_task_type_buffer():
-    b = Buffers(task_types=("deduction", "mytype"))
-    assert b.sizes() == {"deduction": 1, "mytype": 0}
+    b = Buffers(("deduction", "mytype"), seed=lambda tt: mk(0, tt))
+    assert b.sizes() == {"deduction": 1, "mytype": 1} and b["mytype"].tasks[0].task_type == "mytype"
 
 
 def test_cruxeval_triplets_dedup_and_round_trip(tmp_path):
     rows = [json.loads(line) for line in CRUX.read_text().splitlines()[:200]]
     tasks = [Task("deduction", r["code"], r["input"], r["output"]) for r in rows]
-    b = Buffers(capacity=150, seed=False)
+    b = Buffers(BUILTIN_TASK_TYPES, capacity=150)
     assert b["deduction"].add(tasks + tasks[:20]) == len({t.key() for t in tasks})
     assert len(b["deduction"]) == 150 and b["deduction"].tasks[-1] == tasks[-1]
     b.save(tmp_path / "x.jsonl")

@@ -81,7 +81,7 @@ def test_score_rows_carry_the_report_fields(sb):
 
 def test_prompts_are_the_training_solver_prompts():
     from buffers import Task
-    from prompts import solve_prompt
+    from rewards import solve_prompt
     item = ITEMS[0]
     assert E.build_prompt("cruxeval-o", item) == solve_prompt(Task("deduction", item["code"], item["input"], item["output"]))
     assert E.build_prompt("cruxeval-i", item) == solve_prompt(Task("abduction", item["code"], item["input"], item["output"]))

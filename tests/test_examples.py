@@ -18,18 +18,13 @@ ABLATIONS = {"deduction-only": ("task_types", ["deduction"]), "no-induction": ("
 
 
 @pytest.fixture(autouse=True)
-def restore_registries():
-    """custom_task_type registers 'typeof' in module-level registries: undo it so other tests see the defaults."""
-    import buffers
-    import prompts
+def restore_registry():
+    """custom_task_type registers 'typeof' in rewards.TASK_TYPES: undo it so other tests see the defaults."""
     import rewards
-    registries = [prompts.PROPOSE_PROMPTS, prompts.SOLVE_PROMPTS, prompts.PROPOSAL_PARSERS, prompts.ANSWER_PARSERS,
-                  rewards.RULES, buffers.SEEDS]
-    saved = [dict(r) for r in registries]
+    saved = dict(rewards.TASK_TYPES)
     yield
-    for registry, before in zip(registries, saved):
-        registry.clear()
-        registry.update(before)
+    rewards.TASK_TYPES.clear()
+    rewards.TASK_TYPES.update(saved)
 
 
 def load(name: str):
@@ -103,11 +98,11 @@ def test_custom_task_type_end_to_end_without_a_model():
     """The registered 'typeof' mode: parse a proposal, validate it in the sandbox, build the solver prompt, judge."""
     load("custom_task_type")
     from buffers import Buffers
-    from prompts import parse_answer, parse_proposal, propose_prompt, solve_prompt
-    from rewards import check_answers, validate_proposals
+    from rewards import (check_answers, parse_answer, parse_proposal, propose_prompt, seed_task, solve_prompt,
+                         validate_proposals)
     from sandbox import Sandbox
 
-    buffers = Buffers(["deduction", "typeof"])
+    buffers = Buffers(["deduction", "typeof"], seed=seed_task)
     assert buffers["typeof"].tasks[0].output == "str"
     assert "(none)" not in propose_prompt("typeof", buffers["typeof"].tasks)
     text = ("<think>Mixed types.</think><answer>```python\ndef f(xs):\n    return {x: len(str(x)) for x in xs}\n```\n"

@@ -6,7 +6,8 @@ import torch
 
 from buffers import Task
 from generation import GenerationStats, _stop_check, generate, stop_token_ids
-from prompts import render, solve_prompt
+from prompts import render
+from rewards import solve_prompt
 
 
 @pytest.fixture(scope="module")

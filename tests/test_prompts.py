@@ -1,4 +1,5 @@
 """Prompt rendering and parsing: good, messy and hostile model output; parsers never raise."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prompts
-from buffers import TASK_TYPES, Task, seed_task
-from prompts import (ANSWER_PARSERS, BANNED_WORDS, PROPOSE_FORMS, R1_INSTRUCTION, RESPONSE_PREFIX, Answer, Proposal,
-                     clean_program, parse_answer, parse_proposal, propose_prompt, register_task_type, rename_entry,
-                     render, solve_prompt, split_input_lines, tags_ok)
+from buffers import Task
+from prompts import (BANNED_WORDS, R1_INSTRUCTION, RESPONSE_PREFIX, Answer, Proposal, clean_program, rename_entry,
+                     render, split_input_lines, tags_ok)
+from rewards import (BUILTIN_TASK_TYPES, DEDUCTION, TASK_TYPES, parse_answer, parse_proposal, propose_prompt,
+                     register_task_type, seed_task, solve_prompt)
 
 CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
 BANNED = ("os", "sys", "subprocess")
@@ -49,7 +50,7 @@ def test_proposer_prompt_styles():
     refs = [seed_task("deduction"), Task("deduction", "def f(x):\n    return x * 3", "2", "6")]
     official = propose_prompt("deduction", refs)
     form = propose_prompt("deduction", refs, style="form")
-    assert form.startswith(official.rstrip("\n")) and form.endswith(PROPOSE_FORMS["deduction"])
+    assert form.startswith(official.rstrip("\n")) and form.endswith(TASK_TYPES["deduction"].form)
     for tt in ("deduction", "abduction"):
         compact = propose_prompt(tt, refs, style="compact")
         assert "return x * 3" in compact and "filled in with snippet_0" in compact
@@ -283,7 +284,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_hostile_text_never_raises(text):
-    for tt in TASK_TYPES:
+    for tt in BUILTIN_TASK_TYPES:
         assert isinstance(parse_proposal(tt, text), Proposal)
         assert isinstance(parse_proposal(tt, text, program="def f(a):\n    return a"), Proposal)
         for lenient in (False, True):
@@ -297,7 +298,7 @@ _text = st.one_of(st.text(max_size=300), st.lists(st.one_of(_pieces, st.text(max
 
 
 @settings(max_examples=300, deadline=None)
-@given(_text, st.sampled_from(TASK_TYPES), st.booleans())
+@given(_text, st.sampled_from(BUILTIN_TASK_TYPES), st.booleans())
 def test_property_parsers_never_raise(text, tt, lenient):
     p = parse_proposal(tt, text)
     assert isinstance(p, Proposal) and (p.error is None or isinstance(p.error, str))
@@ -329,11 +330,13 @@ def test_register_fourth_task_type():
 
     def parse_a(text, lenient=False):
         return Answer(text.strip(), True)
+    riddle = dataclasses.replace(DEDUCTION, name="riddle", propose=propose, form="", compact=None, solve=solve,
+                                 parse_proposal=parse_p, parse_answer=parse_a, seed=lambda: Task("riddle", "p", "x"))
     try:
-        register_task_type("riddle", propose=propose, solve=solve, parse_proposal=parse_p, parse_answer=parse_a)
-        assert propose_prompt("riddle", [], ()) == "propose a riddle"
-        assert solve_prompt(Task("riddle", "p", "x")) == "solve x"
+        register_task_type(riddle)
+        for style in ("official", "form", "compact"):      # no answer form, no compact prompt: the official one
+            assert propose_prompt("riddle", [], (), style=style) == "propose a riddle"
+        assert solve_prompt(seed_task("riddle")) == "solve x"
         assert parse_proposal("riddle", " 1 ").input == "1" and parse_answer("riddle", " y ").text == "y"
     finally:
-        for reg in (prompts.PROPOSE_PROMPTS, prompts.SOLVE_PROMPTS, prompts.PROPOSAL_PARSERS, ANSWER_PARSERS):
-            reg.pop("riddle", None)
+        TASK_TYPES.pop("riddle", None)

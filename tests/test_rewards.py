@@ -2,16 +2,17 @@
 
 `sb` wraps one real sandbox.Sandbox and records each run_many batch, so tests also check that validation
 and checking cost one batch each."""
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from buffers import Task, seed_task
-from prompts import Answer, Proposal, parse_answer, parse_proposal
-from rewards import (INVALID_PROPOSAL_REWARD, RULES, TaskRules, check_answers,
-                     complexity_reward, diversity_reward, literal_args, normalize_input, proposer_reward,
-                     register_rules, similarity, solver_reward, validate_proposals)
+from buffers import Task
+from prompts import Answer, Proposal
+from rewards import (BUILTIN_TASK_TYPES, DEDUCTION, INVALID_PROPOSAL_REWARD, TASK_TYPES, check_answers,
+                     complexity_reward, diversity_reward, literal_args, normalize_input, parse_answer, parse_proposal,
+                     proposer_reward, register_task_type, seed_task, similarity, solver_reward, validate_proposals)
 from sandbox import Sandbox
 
 CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
@@ -283,8 +284,8 @@ def test_end_to_end_parse_validate_check_reward(sb):
 
 def test_register_fourth_task_type_rules(sb):
     # "roundtrip": the solver must give an input whose output equals the input itself
-    rules = TaskRules(
-        proposal_jobs=lambda p: [(p.program, p.input)],
+    roundtrip = dataclasses.replace(
+        DEDUCTION, name="roundtrip",
         build_task=lambda p, res, it, ns: (Task("roundtrip", p.program, p.input, res[0].output, iteration=it)
                                            if res[0].ok else "fails"),
         soft_check=lambda t, p, res: None,
@@ -292,13 +293,13 @@ def test_register_fourth_task_type_rules(sb):
         judge=lambda t, a, res, ns: res[0].ok and res[0].output == a.text,
     )
     try:
-        register_rules("roundtrip", rules)
+        register_task_type(roundtrip)
         (v,) = validate_proposals(sb, "roundtrip", [parse_proposal("deduction", io_text("def f(x):\n    return abs(x)",
                                                                                         "-3"))], 0)
         assert v.valid and v.task.output == "3"
         assert check_answers(sb, [v.task, v.task], [ans("4"), ans("-4")]) == [True, False]
     finally:
-        RULES.pop("roundtrip", None)
+        TASK_TYPES.pop("roundtrip", None)
 
 
 # ----------------------------------------------------------------------------- the real sandbox
@@ -332,7 +333,7 @@ def test_real_sandbox_reward_hacks_rejected(real_sb):
 
 def test_validate_existing_may_be_a_task_buffer(sb):
     from buffers import Buffers
-    b = Buffers()
+    b = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     p = parse_proposal("deduction", io_text("def f(a):\n    return a", "'Hello world'"))
     (v,) = validate_proposals(sb, "deduction", [p], 0, existing=b["deduction"])
     assert v.valid and v.reason == "duplicate"
