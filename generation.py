@@ -17,6 +17,7 @@ and back in every layer; and `</answer>` is found by a check of the last token, 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 from contextlib import contextmanager
@@ -141,6 +142,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
             bar.update(len(idx))
     bar.close()
     model.train(was_training)
+    release_heap()
     return out  # type: ignore[return-value]
 
 
@@ -168,6 +170,16 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int
                               truncated=cut is None))
     stats.useful_tokens = sum(len(g.response_ids) for g in out)
     return out
+
+
+def release_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). The KV caches of a
+    sampling pass come in many sizes, and without this their freed memory stays in the process: the peak RSS of a
+    long CPU run crept up by about 0.3 GiB per iteration."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -46,6 +46,20 @@ print(f"iterations {first['iteration']}..{last['iteration']}")
 for k in keys:
     a, b = first.get(k), last.get(k)
     print(f"{k:<45} {'-' if a is None else f'{a:.3f}':>8} -> {'-' if b is None else f'{b:.3f}':>8}")
+# the targets, first quarter of iterations against last quarter
+samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines() if l.strip()]
+quarter = max(1, len(rows) // 4)
+for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-quarter:])):
+    its = {r["iteration"] for r in part}
+    proposals = sum(v for r in part for k, v in r.items() if k.endswith("/propose/count"))
+    share = sum(r["admitted"] for r in part) / max(proposals, 1)
+    fmt = {role: [s["well_formatted"] for s in samples if s["iteration"] in its and s["group"].endswith(role)]
+           for role in ("/propose", "/solve")}
+    valid = [s["reward"] for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
+    print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
+          f"{sum(fmt['/propose']) / max(len(fmt['/propose']), 1):.2f}, solver format "
+          f"{sum(fmt['/solve']) / max(len(fmt['/solve']), 1):.2f}, mean reward of valid proposals "
+          f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)} (samples.jsonl)")
 for name in ("eval_base", "eval_final"):
     for bench, r in json.loads((run / f"{name}.json").read_text())["results"].items():
         print(f"{name:<12} {bench} {r['correct']}/{r['n']} = {r['accuracy']:.3f}  format {r['format_ok']:.2f}")
