@@ -526,8 +526,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             # 1-2. propose and validate
             proposals, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts,
                                            force_accept, timer)
-            # 3-4. solver answers, in one generation pass: N per valid proposal for its learnability, and a
-            # solver batch per task type, this iteration's new tasks first
+            # 3-4. in one generation pass: N answers per valid proposal, then a solver batch per task type
             estimate = learnability_tasks(proposals, cfg)
             batch = [t for task_type, n in counts.items()
                      for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
