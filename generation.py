@@ -126,6 +126,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
     model.eval()
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
                 dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling.update(eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i]))   # repeats side by side
     out: list[Generation | None] = [None] * len(prompts)
@@ -148,16 +149,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
 
 def _generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, sampling: dict,
                     stats: GenerationStats) -> list[Generation]:
-    """One left-padded batch: the shared prefill, then model.generate from the last prompt token."""
-    stops = stop_token_ids(model, tokenizer)
-    finished = _stop_check(tokenizer, set(stops))
+    """One left-padded batch: the shared prefill, then model.generate from the last prompt token. `sampling`
+    holds the sampling settings and the stop token ids (computed once per call of generate)."""
+    finished = _stop_check(tokenizer, set(sampling["eos_token_id"]))
     batch = left_pad(rows, tokenizer.pad_token_id, next(model.parameters()).device)
     width = batch["input_ids"].shape[1]
     t0 = time.perf_counter()
     cache, stats.prefill_tokens = prefill(model, batch["input_ids"], batch["attention_mask"], [tuple(r) for r in rows])
     t1 = time.perf_counter()
     sequences = model.generate(**batch, past_key_values=cache, **sampling, max_new_tokens=max_new_tokens,
-                               eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([EndsWithStopString(tokenizer, width)]))
     stats.prefill_seconds, stats.decode_seconds = t1 - t0, time.perf_counter() - t1
     stats.decode_tokens = len(rows) * (sequences.shape[1] - width)
