@@ -291,8 +291,10 @@ def response_logps(policy, batch: list[Rollout], pad_id: int, temperature: float
     input_ids = torch.cat([prompts, responses], 1).to(device)
     attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=responses.shape[1] + 1).logits[:, :-1].float() / temperature
+    with models.lora_autocast(policy):                  # bf16 adapter matmuls on a bf16 base
+        logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        logits_to_keep=responses.shape[1] + 1).logits
+    logits = logits[:, :-1].float() / temperature
     return selective_log_softmax(logits, responses.to(device)), logits, response_mask.to(device).float()
 
 
@@ -322,7 +324,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
     size = math.ceil(len(samples) / min(cfg.mini_batches, len(samples)))
     mini_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
     old_logps: dict[int, torch.Tensor] = {}
-    with timer("update"), torch.no_grad():
+    with timer("update"), torch.no_grad(), models.adapter_inputs_uncast(policy):
         for chunk in (c for mb in mini_batches[1:] for c in micro_batches(samples, mb, cfg.micro_batch_size)):
             logp, _, _ = response_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
             old_logps.update({i: row[:len(samples[i].response_ids)] for i, row in zip(chunk, logp)})
@@ -336,7 +338,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
             tokens = sum(len(samples[i].response_ids) for i in mini_batch)
             for idx in micro_batches(samples, mini_batch, cfg.micro_batch_size):
                 batch = [samples[i] for i in idx]
-                with timer("update"):
+                with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
                     logp, logits, mask = response_logps(policy, batch, pad_id, cfg.temperature)
                     old = pad([old_logps.setdefault(i, row[:len(s.response_ids)].detach())
                                for i, s, row in zip(idx, batch, logp)], 0.0, padding_side="right")

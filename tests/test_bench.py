@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = ["bench_azr.py", "bench_generation.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py"]
+SCRIPTS = ["bench_azr.py", "bench_generation.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py",
+           "bench_update.py"]
 
 
 def test_every_benchmark_is_listed():

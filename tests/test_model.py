@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
@@ -130,6 +131,43 @@ def test_policy_generates_and_reference_is_adapter_disabled(tiny_model_dir):
         with policy.disable_adapter():
             ref = policy(**batch).logits
     assert torch.isfinite(ref.float()).all()
+
+
+def test_lora_autocast_runs_the_adapter_in_bf16(tiny_model_dir):
+    """On a bf16 base the adapter sees bf16 inputs (no float32 copy of the activations), gradients reach the
+    float32 LoRA weights through gradient checkpointing and match the float32-adapter gradients closely."""
+    policy, tok = M.load_policy(str(tiny_model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
+                                gradient_checkpointing=True, device="cpu", dtype="bf16")
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)                      # so the gradient reaches lora_A too
+    policy.train()
+    lora_a = next(m for n, m in policy.named_modules() if n.endswith("q_proj.lora_A.default"))
+    seen: list[torch.dtype] = []
+    lora_a.register_forward_hook(lambda mod, args, out: seen.append(args[0].dtype))
+    batch = tok(["def f(a):\n    return a", "x = [1, 2, 3]"], return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    grads = {}
+    for mode in ("float32 adapter", "base precision"):
+        policy.zero_grad(set_to_none=True)
+        seen.clear()
+        fast = mode == "base precision"
+        with M.adapter_inputs_uncast(policy) if fast else contextlib.nullcontext():
+            with M.lora_autocast(policy) if fast else contextlib.nullcontext():
+                loss = policy(**batch, labels=labels, use_cache=False).loss
+            loss.backward()                             # recomputes the forward (gradient checkpointing)
+        grads[mode] = torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad])
+        assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+        assert set(seen) == {torch.float32 if mode == "float32 adapter" else torch.bfloat16}, (mode, seen)
+    a, b = grads.values()
+    assert torch.isfinite(b).all() and float(b.norm()) > 0
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
+    fp32, _ = M.load_policy(str(tiny_model_dir), lora_r=4, load_in_4bit=False, device="cpu", dtype=torch.float32)
+    assert M.lora_below_base_precision(policy) and not M.lora_below_base_precision(fp32)
+    with M.lora_autocast(fp32), M.adapter_inputs_uncast(fp32):     # a float32 base: nothing changes
+        assert not torch.is_autocast_enabled("cpu")
+        assert all(m.cast_input_dtype_enabled for m in fp32.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
 def test_load_for_eval_with_adapter(tiny_model_dir, tmp_path):
