@@ -12,8 +12,10 @@ What makes it fast on a CPU (bench/bench_generation.py, README "Measured"): a de
 for 6 rows as for 18, so the loop generates as many rows at once as it can; a prompt repeated within a batch (the
 N learnability samples of a task) is prefilled once and its cache shared; the trainable LoRA weights, kept in
 float32 for the optimizer, are cast to the base weights' dtype while sampling, so no activation is cast to float32
-and back in every layer; and `</answer>` is found by a check of the last token, not by transformers'
-`stop_strings`, which cost about 50 ms per decode step here.
+and back in every layer; `</answer>` is found by a check of the last token, not by transformers'
+`stop_strings`, which cost about 50 ms per decode step here; and a batch decodes DECODE_CHUNK steps at a time,
+dropping its finished rows (and their KV cache) in between, so the few rows that run on to the token cap do not
+keep paying full-width steps.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 STOP_STRINGS = ("</answer>",)    # an answer is complete there; a small model would go on writing new turns
+DECODE_CHUNK = 16                # decode steps between drops of finished rows from a batch (bench_generation)
 
 
 @dataclass
@@ -149,25 +152,43 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
 
 def _generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, sampling: dict,
                     stats: GenerationStats) -> list[Generation]:
-    """One left-padded batch: the shared prefill, then model.generate from the last prompt token. `sampling`
-    holds the sampling settings and the stop token ids (computed once per call of generate)."""
+    """One left-padded batch: the shared prefill, then model.generate from the last prompt token, DECODE_CHUNK
+    steps at a time; between chunks the finished rows leave the batch and its KV cache, so a batch whose rows
+    mostly stop early does not pay full-width steps for the few that run on. `sampling` holds the sampling
+    settings and the stop token ids (computed once per call of generate)."""
     finished = _stop_check(tokenizer, set(sampling["eos_token_id"]))
     batch = left_pad(rows, tokenizer.pad_token_id, next(model.parameters()).device)
-    width = batch["input_ids"].shape[1]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    width = ids.shape[1]
     t0 = time.perf_counter()
-    cache, stats.prefill_tokens = prefill(model, batch["input_ids"], batch["attention_mask"], [tuple(r) for r in rows])
+    cache, stats.prefill_tokens = prefill(model, ids, mask, [tuple(r) for r in rows])
     t1 = time.perf_counter()
-    sequences = model.generate(**batch, past_key_values=cache, **sampling, max_new_tokens=max_new_tokens,
-                               stopping_criteria=StoppingCriteriaList([EndsWithStopString(tokenizer, width)]))
+    criteria = StoppingCriteriaList([EndsWithStopString(tokenizer, width)])
+    responses: list[list[int]] = [[] for _ in rows]
+    stopped = [False] * len(rows)
+    alive = list(range(len(rows)))                  # rows still in the batch, in batch order
+    while alive and ids.shape[1] - width < max_new_tokens:
+        steps = min(DECODE_CHUNK, max_new_tokens - (ids.shape[1] - width))
+        before = ids.shape[1]
+        ids = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **sampling,
+                             max_new_tokens=steps, stopping_criteria=criteria)
+        stats.decode_tokens += len(alive) * (ids.shape[1] - before)
+        mask = torch.nn.functional.pad(mask, (0, ids.shape[1] - before), value=1)
+        keep = []
+        for j, row in enumerate(alive):
+            response = ids[j, width:].tolist()
+            cut = next((k + 1 for k in range(len(responses[row]), len(response)) if finished(response[:k + 1])), None)
+            responses[row], stopped[row] = response[:cut], cut is not None
+            if cut is None:
+                keep.append(j)
+        if keep and len(keep) < len(alive):         # drop the finished rows, and their KV cache
+            cache.batch_select_indices(torch.tensor(keep, device=ids.device))
+            ids, mask = ids[keep], mask[keep]
+        alive = [alive[j] for j in keep]
     stats.prefill_seconds, stats.decode_seconds = t1 - t0, time.perf_counter() - t1
-    stats.decode_tokens = len(rows) * (sequences.shape[1] - width)
-    out = []
-    for row, prompt_ids in enumerate(rows):
-        response = sequences[row, width:].tolist()
-        cut = next((j + 1 for j in range(len(response)) if finished(response[:j + 1])), None)
-        response = response[:cut] if cut else response
-        out.append(Generation(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True),
-                              truncated=cut is None))
+    out = [Generation(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True),
+                      truncated=not stop)
+           for prompt_ids, response, stop in zip(rows, responses, stopped)]
     stats.useful_tokens = sum(len(g.response_ids) for g in out)
     return out
 

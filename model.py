@@ -368,7 +368,7 @@ def adapter_inputs_uncast(policy):
     """Stop PEFT casting each adapted layer's input to the float32 LoRA dtype (a copy of every activation, and
     float32 sums) if `lora_below_base_precision`. Only valid with the forward under `lora_autocast`; enter it
     around the forward and the backward, which recomputes the forward under gradient checkpointing. Without it
-    the update's forward and backward on the default model took 1.24x longer (README)."""
+    the default model's update took 1.27x longer (bench/bench_update.py, README)."""
     from peft.helpers import disable_input_dtype_casting
 
     with disable_input_dtype_casting(policy, active=lora_below_base_precision(policy)):

@@ -10,14 +10,16 @@ process:
   batches of --padded-batch-size;
 - shared: the loop now: two phases (propose; learnability and solve together) through `generation.generate`
   (a prompt repeated within a batch prefilled once, LoRA in the base dtype while sampling, a last-token stop
-  check), batches of the preset's --generation-batch-size.
+  check, finished rows dropped every DECODE_CHUNK steps), batches of the preset's --generation-batch-size.
 
 It prints useful tokens/s of each path and their ratio, the share of computed decode positions that were useful,
 and the prefill/decode split. Then a reproducibility check: greedy decoding of the solver prompts through both
-paths, the same text expected.
+paths, the same text expected. With --evaluate N it instead compares the two paths on evaluate.py's greedy
+CRUXEval-O generation.
 
     python bench/bench_generation.py                 # default model, 2 rounds per path (about 15 minutes on 2 cores)
-    python bench/bench_generation.py --rounds 1 --model tests/tiny   # any model path or hub id
+    python bench/bench_generation.py --rounds 1 --model PATH       # any model path or hub id
+    python bench/bench_generation.py --evaluate 200   # evaluate.py's generation on 200 CRUXEval-O items, both paths
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import model as models  # noqa: E402
 from buffers import Buffers  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from generation import STOP_STRINGS, GenerationStats, _stop_check, generate, left_pad, stop_token_ids  # noqa: E402,E501
-from prompts import render  # noqa: E402
+from prompts import RESPONSE_PREFIX, render  # noqa: E402
 from rewards import BUILTIN_TASK_TYPES, propose_prompt, seed_task, solve_prompt  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
@@ -108,6 +110,38 @@ def run_path(policy, tokenizer, mix, cfg: Config, shared: bool, batch_size: int,
     return stats, [t for phase in (estimate, solve) for t in padded_generate(policy, tokenizer, phase, solve_cap, **kw)]
 
 
+def evaluation(args) -> None:
+    """evaluate.py's generation, greedy, on the last --evaluate CRUXEval-O items: the padded path in batches of
+    --padded-batch-size against generation.generate in evaluate.py's default batch; time, same text, accuracy."""
+    import evaluate
+
+    net, tokenizer = models.load_for_eval(args.model)
+    items = evaluate.load_items("cruxeval-o", None, args.evaluate, from_end=True)
+    prompts = [render(tokenizer, evaluate.build_prompt("cruxeval-o", item), evaluate.DEFAULT_TEMPLATE) for item in items]
+    greedy = dict(temperature=0.0, top_p=1.0)
+    batch = evaluate.parse_args([]).batch_size
+    print(f"evaluate: {len(items)} CRUXEval-O items, greedy, {args.evaluate_tokens} new tokens; padded batch "
+          f"{args.padded_batch_size}, shared batch {batch}", flush=True)
+    texts, seconds = {}, {}
+    for name in ("padded", "shared"):
+        stats, t0 = GenerationStats(), time.perf_counter()
+        if name == "padded":
+            texts[name] = padded_generate(net, tokenizer, prompts, args.evaluate_tokens, batch_size=args.padded_batch_size,
+                                          stats=stats, **greedy)
+        else:
+            texts[name] = [g.text for g in generate(net, tokenizer, prompts, args.evaluate_tokens, batch_size=batch,
+                                                    stats=stats, **greedy)]
+        seconds[name] = time.perf_counter() - t0
+        with Sandbox() as sb:
+            rows = evaluate.score("cruxeval-o", items, [RESPONSE_PREFIX + t for t in texts[name]], sb)
+        print(f"evaluate {name:6s} {seconds[name]:7.1f} s, {stats.useful_tokens} tokens, useful/decoded "
+              f"{stats.useful_tokens / stats.decode_tokens:.2f}; correct {sum(r['correct'] for r in rows)}/{len(rows)}, "
+              f"well formatted {sum(r['well_formatted'] for r in rows)}/{len(rows)}", flush=True)
+    same = sum(a == b for a, b in zip(texts["padded"], texts["shared"]))
+    print(f"evaluate ratio padded / shared time: {seconds['padded'] / seconds['shared']:.2f}x; "
+          f"identical responses {same}/{len(items)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -115,7 +149,13 @@ def main() -> None:
     parser.add_argument("--padded-batch-size", type=int, default=16, help="the padded path's batch (the old preset)")
     parser.add_argument("--greedy-tokens", type=int, default=128, help="token cap of the reproducibility check")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
+                        help="instead: evaluate.py's greedy generation on the last N CRUXEval-O items, both paths")
+    parser.add_argument("--evaluate-tokens", type=int, default=512, help="token cap of --evaluate (evaluate.py's)")
     args = parser.parse_args()
+    if args.evaluate:
+        models.set_torch_threads()
+        return evaluation(args)
     cfg = Config(**PRESETS["cpu-demo"])
     models.set_torch_threads()
     policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)

@@ -128,11 +128,11 @@ def test_task_relative_advantages_are_per_group():
     assert big[0].advantage > 0 > big[3].advantage
 
 
-def update_setup(model_dir: Path, **overrides):
+def update_setup(model_dir: Path, dtype: str = "fp32", gradient_checkpointing: bool = False, **overrides):
     """A fresh tiny policy, a config for policy_update, and one prompt with two different responses."""
     import model as models
     policy, tokenizer = models.load_policy(str(model_dir), lora_r=4, lora_alpha=8, load_in_4bit=False, device="cpu",
-                                           dtype="fp32")
+                                           dtype=dtype, gradient_checkpointing=gradient_checkpointing)
     cfg = Config(**{"learning_rate": 5e-2, "micro_batch_size": 8, "mini_batches": 1, **overrides})
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     prompt = tokenizer("def f(a):\n    return a", add_special_tokens=False)["input_ids"]
@@ -158,6 +158,28 @@ def test_update_raises_positive_and_lowers_negative_advantage(tiny_model_dir):
                                  random.Random(0))
     after = [logp_sum(policy, tokenizer, s) for s in samples]
     assert stats["steps"] == 1 and stats["clip_fraction"] == 0      # first step: ratio 1, nothing clipped
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1, (before, after)
+
+
+def test_update_on_a_bf16_base_runs_the_adapter_in_bf16(tiny_model_dir):
+    """The CPU default: bf16 base, float32 LoRA, gradient checkpointing. The update's forward and its recomputation
+    feed the adapter bf16 (no float32 copies), the LoRA weights stay float32, and the step still goes the
+    advantages' way."""
+    torch.manual_seed(0)
+    policy, tokenizer, cfg, optimizer, prompt, good, bad = update_setup(tiny_model_dir, dtype="bf16",
+                                                                         gradient_checkpointing=True)
+    seen: set[torch.dtype] = set()
+    for name, module in policy.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda mod, args, out: seen.add(args[0].dtype))
+    samples = [roll("deduction", "solve", 1.0, prompt, good), roll("deduction", "solve", -1.0, prompt, bad)]
+    azr.task_relative_advantages(samples)
+    before = [logp_sum(policy, tokenizer, s) for s in samples]
+    seen.clear()
+    azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(), random.Random(0))
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    after = [logp_sum(policy, tokenizer, s) for s in samples]
     assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1, (before, after)
 
 

@@ -96,3 +96,29 @@ def test_the_stop_string_criterion_stops_exactly_the_rows_whose_text_ends_in_it(
     ended = lambda text: stop(torch.tensor([prompt + ids(text)]), None).tolist() == [True]   # noqa: E731
     assert ended("x</think><answer>1</answer>") and ended("x</answer>")
     assert not ended("x</think><answer>1</ans") and not ended("a > b") and not ended("")
+
+
+def test_finished_rows_leave_the_batch_between_chunks(tiny, monkeypatch):
+    """Rows that stop leave the batch at the next chunk boundary: the same greedy tokens (float32) as decoding the
+    whole batch to the end, for fewer decode positions."""
+    import generation
+
+    model, tokenizer = tiny
+    prompts = prompts_mix(tokenizer)
+    free = generate(model, tokenizer, prompts, 24, temperature=0.0, batch_size=8)
+    # a token that some responses write early and others never: made a stop token, rows end at different steps
+    firsts = [{t: g.response_ids.index(t) for t in set(g.response_ids)} for g in free]
+    stop = next(t for t in sorted({t for f in firsts for t in f})
+                if any(f.get(t, 99) < 6 for f in firsts) and any(t not in f for f in firsts))
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [stop])
+    runs = {}
+    for chunk in (4, 24):
+        monkeypatch.setattr(generation, "DECODE_CHUNK", chunk)
+        stats = GenerationStats()
+        runs[chunk] = (generate(model, tokenizer, prompts, 24, temperature=0.0, batch_size=8, stats=stats), stats)
+    (chunked, few), (whole, full) = runs[4], runs[24]
+    assert [g.response_ids for g in chunked] == [g.response_ids for g in whole]
+    assert [g.truncated for g in chunked] == [g.truncated for g in whole] and not all(g.truncated for g in whole)
+    assert any(g.response_ids[-1] == stop and len(g.response_ids) <= 6 for g in whole)
+    assert full.decode_tokens == len(prompts) * 24 and few.useful_tokens == full.useful_tokens
+    assert few.decode_tokens < full.decode_tokens
