@@ -29,6 +29,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from model import frozen_dtype
+
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 STOP_STRINGS = ("</answer>",)    # an answer is complete there; a small model would go on writing new turns
 DECODE_CHUNK = 16                # decode steps between drops of finished rows from a batch (bench_generation)
@@ -109,7 +111,7 @@ def adapters_in_base_dtype(model):
     """While sampling, cast trainable (LoRA) weights that are float32 for the optimizer to the dtype of the frozen
     base weights, and restore them after: the adapter then runs in the base dtype instead of casting every
     layer's activations to float32 and back."""
-    base = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    base = frozen_dtype(model)
     saved = [(p, p.data) for p in model.parameters() if p.requires_grad and base is not None and p.dtype != base]
     for p, data in saved:
         p.data = data.to(base)

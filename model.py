@@ -349,9 +349,14 @@ def load_policy(
     return policy, tokenizer
 
 
+def frozen_dtype(net) -> torch.dtype | None:
+    """The dtype of the frozen (base) floating-point weights; 4-bit packed weights are not floating point."""
+    return next((p.dtype for p in net.parameters() if not p.requires_grad and p.is_floating_point()), None)
+
+
 def lora_below_base_precision(policy) -> bool:
     """True when the frozen base weights are bf16 and the trainable LoRA weights float32 (for the optimizer)."""
-    base = next((p.dtype for p in policy.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    base = frozen_dtype(policy)
     return base == torch.bfloat16 and any(p.dtype != base for p in policy.parameters() if p.requires_grad)
 
 
