@@ -153,11 +153,10 @@ def main() -> None:
                         help="instead: evaluate.py's greedy generation on the last N CRUXEval-O items, both paths")
     parser.add_argument("--evaluate-tokens", type=int, default=512, help="token cap of --evaluate (evaluate.py's)")
     args = parser.parse_args()
+    models.set_torch_threads()
     if args.evaluate:
-        models.set_torch_threads()
         return evaluation(args)
     cfg = Config(**PRESETS["cpu-demo"])
-    models.set_torch_threads()
     policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     mix = prompt_mix(tokenizer, cfg, args.seed)
     print(f"mix: {len(mix[0])} proposals, {len(mix[1])} learnability samples, {len(mix[2])} solver answers; "
