@@ -9,13 +9,13 @@ chat turn, `<|endoftext|>` a document; the plain R1 template can end in either),
 it only has to return Generations.
 
 What makes it fast on a CPU (bench/bench_generation.py, README "Measured"): a decode step costs about the same
-for 6 rows as for 18, so the loop generates as many rows at once as it can; a prompt repeated within a batch (the
-N learnability samples of a task) is prefilled once and its cache shared; the trainable LoRA weights, kept in
-float32 for the optimizer, are cast to the base weights' dtype while sampling, so no activation is cast to float32
-and back in every layer; `</answer>` is found by a check of the last token, not by transformers'
-`stop_strings`, which cost about 50 ms per decode step here; and a batch decodes DECODE_CHUNK steps at a time,
-dropping its finished rows (and their KV cache) in between, so the few rows that run on to the token cap do not
-keep paying full-width steps.
+for 6 rows as for 18, so the loop generates as many rows at once as it can; each distinct prompt is prefilled once
+and alone, unpadded, and rows repeating it (the N learnability samples of a task) share its cache; each LoRA layer
+samples as one merged weight, so the adapter costs no extra products (a 4-bit base keeps its adapters, cast to the
+base dtype); the KV cache grows into reserved room instead of being copied at every step; `</answer>` is found by
+a check of the last token, not by transformers' `stop_strings`, which cost about 50 ms per decode step here; and a
+batch decodes DECODE_CHUNK steps at a time, dropping its finished rows (and their KV cache) in between, so the few
+rows that run on to the token cap do not keep paying full-width steps.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from model import frozen_dtype
 
@@ -122,6 +123,38 @@ def adapters_in_base_dtype(model):
             p.data = data
 
 
+@contextmanager
+def adapters_merged(model):
+    """While sampling, run each LoRA layer as one plain layer: its weight is replaced by a merged copy, W + s·B·A
+    (summed in float32, rounded once to the base dtype), and its adapter is switched off. The adapter's extra
+    matrix products and casts cost about 15% of a decode step on a CPU (bench/bench_generation.py). Afterwards
+    the original base weights, the adapters and their requires_grad flags are back as they were. A base that
+    cannot hold a merged weight (4-bit) keeps its adapters, cast to the base dtype (adapters_in_base_dtype)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
+    if not layers or not all(m.get_base_layer().weight.is_floating_point() for m in layers):
+        with adapters_in_base_dtype(model):
+            yield
+        return
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    saved = []
+    for m in layers:
+        weight = m.get_base_layer().weight
+        delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
+        saved.append((weight, weight.data))
+        weight.data = (weight.data.float() + delta).to(weight.dtype)
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, (weight, data) in zip(layers, saved):
+            weight.data = data
+            m.enable_adapters(True)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, batch_size: int = 16, desc: str | None = None,
@@ -136,7 +169,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i]))   # repeats side by side
     out: list[Generation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=desc is None)
-    with adapters_in_base_dtype(model):
+    with adapters_merged(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch_stats = GenerationStats()
@@ -163,7 +196,7 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int
     ids, mask = batch["input_ids"], batch["attention_mask"]
     width = ids.shape[1]
     t0 = time.perf_counter()
-    cache, stats.prefill_tokens = prefill(model, ids, mask, [tuple(r) for r in rows])
+    cache, stats.prefill_tokens = prefill(model, rows, width, room=max_new_tokens)
     t1 = time.perf_counter()
     criteria = StoppingCriteriaList([EndsWithStopString(tokenizer, width)])
     responses: list[list[int]] = [[] for _ in rows]
@@ -213,18 +246,61 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tens
     return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: list) -> tuple[DynamicCache, int]:
-    """The KV cache of every row's prompt but its last token, computed once per distinct key; rows with the same
-    key share it. `generate` then decodes from the last prompt token. Returns the cache and positions computed."""
-    first = {key: row for row, key in reversed(list(enumerate(keys)))}      # the first row of each distinct key
-    distinct = sorted(first.values())
-    ids, mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
+def prefill(model, rows: list[list[int]], width: int, room: int) -> tuple[DynamicCache, int]:
+    """The KV cache of every row's prompt but its last token, left-padded to `width` - 1 positions; `generate` then
+    decodes from the last prompt token. Each distinct prompt is computed once and alone: no padding positions are
+    computed (a batch's prompts differ in length by up to 4x), a row repeating a prompt (the N learnability
+    samples) shares its cache, and the activations of one prompt at a time keep the memory peak small (a bf16
+    forward over 32 prompts at once held several GiB on a CPU). The cache has `room` positions to grow into
+    (GrowingLayer). Returns the cache and the positions computed."""
+    distinct = list(dict.fromkeys(tuple(r[:-1]) for r in rows))
     cache = DynamicCache(config=model.config)
-    if ids.shape[1] == 0:                                                   # one-token prompts: nothing to cache
+    cache.layers = [GrowingLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if width <= 1:                                                          # one-token prompts: nothing to cache
         return cache, 0
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)             # as generate numbers them
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    if len(distinct) < len(keys):
-        cache.batch_select_indices(torch.tensor([distinct.index(first[key]) for key in keys], device=ids.device))
-    return cache, input_ids.shape[1] * len(distinct)
+    device = next(model.parameters()).device
+    layers: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = []       # per distinct prompt, per layer: (K, V)
+    for prompt in distinct:
+        own = DynamicCache(config=model.config)
+        if prompt:
+            model(input_ids=torch.tensor([prompt], device=device), past_key_values=own, use_cache=True,
+                  logits_to_keep=1)
+        left = width - 1 - len(prompt)                                      # masked padding, as left_pad puts it
+        layers.append([(_pad_left(layer.keys, left), _pad_left(layer.values, left)) if prompt else None
+                       for layer in own.layers])
+    like = next(kv for kvs in layers for kv in kvs if kv is not None)[0]
+    empty = like.new_zeros(like.shape[0], like.shape[1], width - 1, like.shape[3])
+    index = torch.tensor([distinct.index(tuple(r[:-1])) for r in rows], device=device)
+    for i, layer in enumerate(cache.layers):
+        layer.update(*(torch.cat([kvs[i][j] if kvs[i] is not None else empty for kvs in layers])[index]
+                       for j in (0, 1)))
+    return cache, sum(map(len, distinct))
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes each step's keys and values into spare room at the end of its tensors, instead of
+    concatenating (copying) the whole cache at every decode step; the cache it hands to attention is a view."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room                             # positions to reserve whenever the tensors are reallocated
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        if (self.spare is None or self.spare[0].shape[-2] < n + new or self.spare[0].shape[0] != key_states.shape[0]
+                or self.keys.numel() and self.keys.data_ptr() != self.spare[0].data_ptr()):   # e.g. rows dropped
+            shape = (*key_states.shape[:2], n + new + self.room, key_states.shape[-1])
+            self.spare = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if n:
+                self.spare[0][:, :, :n], self.spare[1][:, :, :n] = self.keys, self.values
+        self.spare[0][:, :, n:n + new], self.spare[1][:, :, n:n + new] = key_states, value_states
+        self.keys, self.values = self.spare[0][:, :, :n + new], self.spare[1][:, :, :n + new]
+        return self.keys, self.values
+
+
+def _pad_left(states: torch.Tensor, positions: int) -> torch.Tensor:
+    """(batch, heads, length, dim) states with `positions` zero positions in front."""
+    return torch.nn.functional.pad(states, (0, 0, positions, 0))

@@ -361,8 +361,8 @@ def lora_below_base_precision(policy) -> bool:
 
 
 def lora_autocast(policy) -> torch.autocast:
-    """Autocast to bf16 if `lora_below_base_precision`, so the adapter's matmuls run in bf16 as they do while
-    sampling (generation.adapters_in_base_dtype). Wrap the forward only; gradients reach the float32 weights.
+    """Autocast to bf16 if `lora_below_base_precision`, so the adapter's matmuls run in bf16, as the sampler's merged
+    bf16 weights do (generation.adapters_merged). Wrap the forward only; gradients reach the float32 weights.
     Otherwise a disabled autocast."""
     return torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16,
                           enabled=lora_below_base_precision(policy))

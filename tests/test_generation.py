@@ -51,7 +51,7 @@ def test_stops_truncation_and_costs(tiny):
         assert all(t not in stops for t in g.response_ids[:-1])      # cut after the first stop token
     assert stats.useful_tokens == sum(len(g.response_ids) for g in out) <= stats.decode_tokens
     distinct = {tuple(g.prompt_ids) for g in out}
-    assert sum(map(len, distinct)) - len(distinct) <= stats.prefill_tokens < sum(len(g.prompt_ids) for g in out)
+    assert stats.prefill_tokens == sum(map(len, distinct)) - len(distinct)
     assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
 
 
@@ -72,8 +72,8 @@ def test_a_shared_prefill_gives_the_same_greedy_text(tiny):
     together = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=8, stats=shared)
     alone = [generate(model, tokenizer, [p], 12, temperature=0.0, batch_size=1)[0] for p in prompts]
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
-    width = max(len(g.prompt_ids) for g in together)
-    assert shared.prefill_tokens == width * len(set(prompts))      # 3 + 2 repeats -> 2 distinct prefills
+    distinct = {tuple(g.prompt_ids) for g in together}              # 3 + 2 repeats -> 2 distinct prefills
+    assert shared.prefill_tokens == sum(len(p) - 1 for p in distinct)  # each alone, unpadded, less its last token
 
 
 def test_adapters_run_in_the_base_dtype_while_sampling_and_are_restored():
@@ -122,3 +122,34 @@ def test_finished_rows_leave_the_batch_between_chunks(tiny, monkeypatch):
     assert any(g.response_ids[-1] == stop and len(g.response_ids) <= 6 for g in whole)
     assert full.decode_tokens == len(prompts) * 24 and few.useful_tokens == full.useful_tokens
     assert few.decode_tokens < full.decode_tokens
+
+
+def test_merged_adapters_sample_the_same_model_and_are_put_back(tiny_model_dir):
+    """While sampling, each LoRA layer runs as one merged weight with its adapter off: the same logits (float32) as
+    the adapter computed alongside; afterwards the base weights, adapters and requires_grad flags are as before."""
+    import model as models
+    from generation import adapters_merged
+
+    policy, tokenizer = models.load_policy(str(tiny_model_dir), lora_r=4, lora_alpha=8, load_in_4bit=False,
+                                           device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)                                  # a trained adapter: B != 0
+    for p in policy.get_input_embeddings().parameters():
+        p.requires_grad_(True)                                      # any flag pattern is restored
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids = torch.tensor([tokenizer("def f(a):\n    return a", add_special_tokens=False)["input_ids"]])
+    policy.eval()
+    with torch.no_grad():
+        adapted = policy(input_ids=ids).logits
+        with adapters_merged(policy):
+            merged = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            plain = policy(input_ids=ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(plain, adapted, atol=1e-2)
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    assert all(torch.equal(p, weights[n]) for n, p in policy.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, adapted)  # the adapter is back on
