@@ -20,6 +20,7 @@ CRUXEval-O generation.
     python bench/bench_generation.py                 # default model, 2 rounds per path (about 15 minutes on 2 cores)
     python bench/bench_generation.py --rounds 1 --model PATH       # any model path or hub id
     python bench/bench_generation.py --evaluate 200   # evaluate.py's generation on 200 CRUXEval-O items, both paths
+    python bench/bench_generation.py --evaluate 32 --evaluate-tokens 128 --dtype float32   # same text in float32?
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def evaluation(args) -> None:
     --padded-batch-size against generation.generate in evaluate.py's default batch; time, same text, accuracy."""
     import evaluate
 
-    net, tokenizer = models.load_for_eval(args.model)
+    net, tokenizer = models.load_for_eval(args.model, dtype=args.dtype)
     items = evaluate.load_items("cruxeval-o", None, args.evaluate, from_end=True)
     prompts = [render(tokenizer, evaluate.build_prompt("cruxeval-o", item), evaluate.DEFAULT_TEMPLATE) for item in items]
     greedy = dict(temperature=0.0, top_p=1.0)
@@ -152,12 +153,14 @@ def main() -> None:
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
                         help="instead: evaluate.py's greedy generation on the last N CRUXEval-O items, both paths")
     parser.add_argument("--evaluate-tokens", type=int, default=512, help="token cap of --evaluate (evaluate.py's)")
+    parser.add_argument("--dtype", help="the model's dtype (default: the project's, bf16 on a CPU); float32 shows "
+                                        "whether the paths differ beyond bf16 rounding")
     args = parser.parse_args()
     models.set_torch_threads()
     if args.evaluate:
         return evaluation(args)
     cfg = Config(**PRESETS["cpu-demo"])
-    policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, dtype=args.dtype)
     mix = prompt_mix(tokenizer, cfg, args.seed)
     print(f"mix: {len(mix[0])} proposals, {len(mix[1])} learnability samples, {len(mix[2])} solver answers; "
           f"padded batch {args.padded_batch_size}, shared batch {cfg.generation_batch_size}", flush=True)
