@@ -48,7 +48,7 @@ class Generation:
 @dataclass
 class GenerationStats:
     """What generation cost: positions computed in prefill and decode, and the tokens kept in responses."""
-    prefill_tokens: int = 0      # prompt positions computed, padding included
+    prefill_tokens: int = 0      # prompt positions computed (each distinct prompt once, unpadded)
     decode_tokens: int = 0       # decode positions computed: rows x steps, finished rows included
     useful_tokens: int = 0       # response tokens returned
     prefill_seconds: float = 0.0  # computing the prompts' KV cache
@@ -129,23 +129,25 @@ def adapters_merged(model):
     (summed in float32, rounded once to the base dtype), and its adapter is switched off. The adapter's extra
     matrix products and casts cost about 15% of a decode step on a CPU (bench/bench_generation.py). Afterwards
     the original base weights, the adapters and their requires_grad flags are back as they were. A base that
-    cannot hold a merged weight (4-bit) keeps its adapters, cast to the base dtype (adapters_in_base_dtype)."""
+    cannot hold a merged weight (4-bit), or an adapter that is not plain LoRA, keeps its adapters, cast to the
+    base dtype (adapters_in_base_dtype)."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
-    if not layers or not all(m.get_base_layer().weight.is_floating_point() for m in layers):
+    if not layers or not all(_plain_lora(m) for m in layers):
         with adapters_in_base_dtype(model):
             yield
         return
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    saved = []
-    for m in layers:
-        weight = m.get_base_layer().weight
-        delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
-        saved.append((weight, weight.data))
-        weight.data = (weight.data.float() + delta).to(weight.dtype)
-        m.enable_adapters(False)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
+        with torch.no_grad():
+            for m in layers:
+                weight = m.get_base_layer().weight
+                delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters)
+                saved.append((weight, weight.data))
+                weight.data = (weight.data.float() + delta).to(weight.dtype)
+                m.enable_adapters(False)
         yield
     finally:
         for m, (weight, data) in zip(layers, saved):
@@ -153,6 +155,15 @@ def adapters_merged(model):
             m.enable_adapters(True)
         for p, flag in grads:
             p.requires_grad_(flag)
+
+
+def _plain_lora(layer) -> bool:
+    """A LoRA layer whose active adapters are exactly s·B·A on a floating-point weight (no DoRA, no LoRA bias,
+    not an embedding), so W + s·B·A computes what the layer does."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    return (weight is not None and weight.is_floating_point() and weight.dim() == 2
+            and all(a in layer.lora_A and a not in layer.lora_magnitude_vector and not layer.lora_bias.get(a, False)
+                    for a in layer.active_adapters))
 
 
 @torch.no_grad()

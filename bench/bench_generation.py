@@ -20,7 +20,7 @@ CRUXEval-O generation.
     python bench/bench_generation.py                 # default model, 2 rounds per path (about 15 minutes on 2 cores)
     python bench/bench_generation.py --rounds 1 --model PATH       # any model path or hub id
     python bench/bench_generation.py --evaluate 200   # evaluate.py's generation on 200 CRUXEval-O items, both paths
-    python bench/bench_generation.py --evaluate 32 --evaluate-tokens 128 --dtype float32   # same text in float32?
+    python bench/bench_generation.py --evaluate 200 --evaluate-tokens 128 --dtype float32   # same text in float32?
 """
 from __future__ import annotations
 
