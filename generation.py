@@ -264,28 +264,27 @@ def prefill(model, rows: list[list[int]], width: int, room: int) -> tuple[Dynami
     samples) shares its cache, and the activations of one prompt at a time keep the memory peak small (a bf16
     forward over 32 prompts at once held several GiB on a CPU). The cache has `room` positions to grow into
     (GrowingLayer). Returns the cache and the positions computed."""
-    distinct = list(dict.fromkeys(tuple(r[:-1]) for r in rows))
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     if width <= 1:                                                          # one-token prompts: nothing to cache
         return cache, 0
     device = next(model.parameters()).device
-    layers: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = []       # per distinct prompt, per layer: (K, V)
-    for prompt in distinct:
-        own = DynamicCache(config=model.config)
+    own = {prompt: DynamicCache(config=model.config) for prompt in dict.fromkeys(tuple(r[:-1]) for r in rows)}
+    for prompt, prompt_cache in own.items():                                # each distinct prompt once, alone
         if prompt:
-            model(input_ids=torch.tensor([prompt], device=device), past_key_values=own, use_cache=True,
+            model(input_ids=torch.tensor([prompt], device=device), past_key_values=prompt_cache, use_cache=True,
                   logits_to_keep=1)
-        left = width - 1 - len(prompt)                                      # masked padding, as left_pad puts it
-        layers.append([(_pad_left(layer.keys, left), _pad_left(layer.values, left)) if prompt else None
-                       for layer in own.layers])
-    like = next(kv for kvs in layers for kv in kvs if kv is not None)[0]
-    empty = like.new_zeros(like.shape[0], like.shape[1], width - 1, like.shape[3])
-    index = torch.tensor([distinct.index(tuple(r[:-1])) for r in rows], device=device)
+    shaped = next(c for prompt, c in own.items() if prompt)
     for i, layer in enumerate(cache.layers):
-        layer.update(*(torch.cat([kvs[i][j] if kvs[i] is not None else empty for kvs in layers])[index]
-                       for j in (0, 1)))
-    return cache, sum(map(len, distinct))
+        like = shaped.layers[i].keys
+        keys = like.new_zeros(len(rows), like.shape[1], width - 1, like.shape[3])   # zeros: the masked padding
+        values = torch.zeros_like(keys)
+        for row, r in enumerate(rows):                                      # right-aligned, as left_pad puts it
+            if len(r) > 1:
+                keys[row, :, width - len(r):] = own[tuple(r[:-1])].layers[i].keys[0]
+                values[row, :, width - len(r):] = own[tuple(r[:-1])].layers[i].values[0]
+        layer.update(keys, values)
+    return cache, sum(map(len, own))
 
 
 class GrowingLayer(DynamicLayer):
@@ -310,8 +309,3 @@ class GrowingLayer(DynamicLayer):
         self.spare[0][:, :, n:n + new], self.spare[1][:, :, n:n + new] = key_states, value_states
         self.keys, self.values = self.spare[0][:, :, :n + new], self.spare[1][:, :, :n + new]
         return self.keys, self.values
-
-
-def _pad_left(states: torch.Tensor, positions: int) -> torch.Tensor:
-    """(batch, heads, length, dim) states with `positions` zero positions in front."""
-    return torch.nn.functional.pad(states, (0, 0, positions, 0))
