@@ -35,7 +35,8 @@ def test_sharded_update_equals_single_process_update(tiny_model_dir, tmp_path):
     import distributed_update
 
     out = tmp_path / "two.pt"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    # --standalone: torchrun binds a free port itself (no window between picking a port and binding it)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "tests" / "distributed_update.py"), str(tiny_model_dir), str(out)], tmp_path)
     two = torch.load(out, weights_only=True)
     assert two["world"] == 2
