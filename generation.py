@@ -275,14 +275,14 @@ def prefill(model, rows: list[list[int]], width: int, room: int) -> tuple[Dynami
             model(input_ids=torch.tensor([prompt], device=device), past_key_values=prompt_cache, use_cache=True,
                   logits_to_keep=1)
     shaped = next(c for prompt, c in own.items() if prompt)
+    sources = [(row, width - len(r), own[tuple(r[:-1])]) for row, r in enumerate(rows) if len(r) > 1]
     for i, layer in enumerate(cache.layers):
         like = shaped.layers[i].keys
         keys = like.new_zeros(len(rows), like.shape[1], width - 1, like.shape[3])   # zeros: the masked padding
         values = torch.zeros_like(keys)
-        for row, r in enumerate(rows):                                      # right-aligned, as left_pad puts it
-            if len(r) > 1:
-                keys[row, :, width - len(r):] = own[tuple(r[:-1])].layers[i].keys[0]
-                values[row, :, width - len(r):] = own[tuple(r[:-1])].layers[i].values[0]
+        for row, start, source in sources:                                  # right-aligned, as left_pad puts it
+            keys[row, :, start:] = source.layers[i].keys[0]
+            values[row, :, start:] = source.layers[i].values[0]
         layer.update(keys, values)
     return cache, sum(map(len, own))
 
