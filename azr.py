@@ -239,20 +239,26 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
     return samples
 
 
+def scored(proposal: Rollout, cfg: Config) -> bool:
+    """Step 3 scores a proposal when it is valid and well formatted, and, with --penalize-duplicates, not a copy
+    of a buffered task or of one earlier in the batch."""
+    v = proposal.validation
+    return v.valid and proposal.well_formatted and not (cfg.penalize_duplicates and v.reason == "duplicate")
+
+
 def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
-    """Step 3's solver tasks: N copies of each valid, well-formatted proposal (the only ones it scores)."""
-    return [s.validation.task for s in proposals if s.validation.valid and s.well_formatted
-            for _ in range(cfg.learnability_samples)]
+    """Step 3's solver tasks: N copies of each proposal it scores."""
+    return [s.validation.task for s in proposals if scored(s, cfg) for _ in range(cfg.learnability_samples)]
 
 
 def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buffers, cfg: Config) -> None:
     """Step 3: proposer rewards from the N attempts at each learnability task (temperature as in training, no
     gradient). A scored proposal gets 1 - r, where r counts correct answers whatever their format; any other
     proposal gets -1."""
-    scored = [s for s in proposals if s.validation.valid and s.well_formatted]
+    scored_proposals = [s for s in proposals if scored(s, cfg)]
     for s in proposals:
         s.reward = INVALID_PROPOSAL_REWARD
-    for k, s in enumerate(scored):
+    for k, s in enumerate(scored_proposals):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
         rate = sum(a.correct for a in group) / len(group)
         task = s.validation.task

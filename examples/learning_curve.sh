@@ -55,11 +55,14 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
     share = sum(r["admitted"] for r in part) / max(proposals, 1)
     fmt = {role: [s["well_formatted"] for s in samples if s["iteration"] in its and s["group"].endswith(role)]
            for role in ("/propose", "/solve")}
-    valid = [s["reward"] for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
+    valid = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
+    new = [s["reward"] for s in valid if s["reason"] != "duplicate"]    # with --penalize-duplicates copies get -1
+    valid = [s["reward"] for s in valid]
     print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
           f"{sum(fmt['/propose']) / max(len(fmt['/propose']), 1):.2f}, solver format "
           f"{sum(fmt['/solve']) / max(len(fmt['/solve']), 1):.2f}, mean reward of valid proposals "
-          f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)} (samples.jsonl)")
+          f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)}, of new (non-duplicate) ones "
+          f"{sum(new) / max(len(new), 1):+.2f} over {len(new)} (samples.jsonl)")
 for name in ("eval_base", "eval_final"):
     for bench, r in json.loads((run / f"{name}.json").read_text())["results"].items():
         print(f"{name:<12} {bench} {r['correct']}/{r['n']} = {r['accuracy']:.3f}  format {r['format_ok']:.2f}")

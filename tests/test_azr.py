@@ -209,6 +209,33 @@ def test_mini_batches_take_one_step_each(tiny_model_dir):
     assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 
 
+@pytest.mark.parametrize("penalize", [False, True])
+def test_a_copied_reference_is_scored_unless_duplicates_are_penalized(penalize):
+    """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer); with
+    --penalize-duplicates it gets no learnability estimate and the invalid-proposal reward."""
+    from prompts import Proposal
+    from rewards import INVALID_PROPOSAL_REWARD, validate_proposals
+    from sandbox import Sandbox
+    cfg = Config(learnability_samples=2, penalize_duplicates=penalize)
+    buffers = Buffers(["deduction"], capacity=10)
+    buffers["deduction"].add([seed_task("deduction")])
+    copy, new = seed_task("deduction"), Proposal(program="def f(a):\n    return a * 2", input="3")
+    with Sandbox(timeout=5.0) as sb:
+        verdicts = validate_proposals(sb, "deduction", [Proposal(program=copy.program, input=copy.input), new], 1,
+                                      existing=buffers["deduction"])
+    assert [v.reason for v in verdicts] == ["duplicate", None] and all(v.valid for v in verdicts)
+    proposals = [azr.Rollout("deduction", "propose", "", [], [1], "", well_formatted=True, validation=v)
+                 for v in verdicts]
+    estimate = azr.learnability_tasks(proposals, cfg)
+    assert [t.program for t in estimate] == ([] if penalize else [copy.program] * 2) + [new.program] * 2
+    attempts = [azr.Rollout("deduction", "solve", "", [], [1], "", correct=ok)
+                for ok in [True, False] * (len(estimate) // 2)]
+    azr.learnability(proposals, attempts, buffers, cfg)
+    assert proposals[1].reward == 0.5 and proposals[1].solve_rate == 0.5
+    assert proposals[0].reward == (INVALID_PROPOSAL_REWARD if penalize else 0.5)
+    assert proposals[0].solve_rate == (None if penalize else 0.5)
+
+
 def test_split_counts_follows_distribution():
     assert azr.split_counts(10, [0.3, 0.3, 0.4]) == [3, 3, 4]
     assert azr.split_counts(5, [1, 1, 1]) == [2, 2, 1]
