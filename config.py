@@ -39,7 +39,7 @@ class Config:
     strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
     force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
     force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
-    penalize_duplicates: bool = field(default=False, metadata={"help": "a proposal that copies a buffered task (or one earlier in the batch) gets the invalid-proposal reward -1 instead of its learnability (the official code has no duplicate check; cpu-demo turns it on, README)"})
+    penalize_duplicates: bool = field(default=False, metadata={"help": "a proposal that copies a buffered task (or one earlier in the batch) gets the invalid-proposal reward -1 instead of its learnability (the official code has no duplicate check; measured in a learning run, README)"})
     proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
     diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
     complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})
@@ -79,12 +79,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # cap least (bench/bench_proposals.py, README); 4 induction inputs (2 shown, 2 held out) fit its 384 new tokens.
     # Seed size 1: the identity triplets only; --seed-file adds the official seeds.
     # Learning rate 5e-5: in 75-minute learning runs the format rates rose well past those at 1e-5 (README).
-    # Duplicates penalized: without it, copies of the references earned learnability rewards and grew to 46% of
-    # proposals in the last quarter of a learning run (README).
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=6, num_references=2, learnability_samples=4,
-                     learning_rate=5e-5, penalize_duplicates=True, seed_buffer_size=1, max_new_tokens_propose=384,
-                     max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4, generation_batch_size=32,
-                     micro_batch_size=2, mini_batches=2,
+                     learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
+                     proposer_prompt="compact", induction_inputs=4, generation_batch_size=32, micro_batch_size=2,
+                     mini_batches=2,
                      output_dir="runs/cpu-demo"),
     # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
     "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
