@@ -240,10 +240,11 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
 
 
 def scored(proposal: Rollout, cfg: Config) -> bool:
-    """Step 3 scores a proposal when it is valid and well formatted, and, with --penalize-duplicates, not a copy
-    of a buffered task or of one earlier in the batch."""
+    """Step 3 scores a proposal when it is valid and well formatted, unless it copies a buffered task (or one
+    earlier in the batch) and --duplicate-reward is extreme or invalid."""
     v = proposal.validation
-    return v.valid and proposal.well_formatted and not (cfg.penalize_duplicates and v.reason == "duplicate")
+    return (v.valid and proposal.well_formatted
+            and not (cfg.duplicate_reward != "learnability" and v.reason == "duplicate"))
 
 
 def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
@@ -254,10 +255,12 @@ def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
 def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buffers, cfg: Config) -> None:
     """Step 3: proposer rewards from the N attempts at each learnability task (temperature as in training, no
     gradient). A scored proposal gets 1 - r, where r counts correct answers whatever their format; any other
-    proposal gets -1."""
+    proposal gets -1, except a well-formatted copy under --duplicate-reward extreme, which gets the extreme reward."""
     scored_proposals = [s for s in proposals if scored(s, cfg)]
     for s in proposals:
-        s.reward = INVALID_PROPOSAL_REWARD
+        copy = s.validation.valid and s.well_formatted and s.validation.reason == "duplicate"
+        extreme = copy and cfg.duplicate_reward == "extreme"
+        s.reward = cfg.proposer_extreme_reward if extreme else INVALID_PROPOSAL_REWARD
     for k, s in enumerate(scored_proposals):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
         rate = sum(a.correct for a in group) / len(group)

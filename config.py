@@ -11,6 +11,8 @@ from buffers import SeedFileError, read_seed_file
 from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
 from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
+DUPLICATE_REWARDS = ("learnability", "extreme", "invalid")
+
 
 @dataclass
 class Config:
@@ -39,7 +41,7 @@ class Config:
     strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
     force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
     force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
-    penalize_duplicates: bool = field(default=False, metadata={"help": "a proposal that copies a buffered task (or one earlier in the batch) gets the invalid-proposal reward -1 instead of its learnability (the official code has no duplicate check; measured in a learning run, README)"})
+    duplicate_reward: str = field(default="learnability", metadata={"help": "reward of a well-formatted proposal that copies a buffered task (or one earlier in the batch): learnability (estimated like any task; the official code has no duplicate check), extreme (--proposer-extreme-reward, no estimate: nothing new to learn), invalid (-1, no estimate); measured in learning runs, README"})
     proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
     diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
     complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})
@@ -122,6 +124,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.proposer_prompt not in PROPOSER_PROMPTS:
         raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, got {cfg.proposer_prompt}")
+    if cfg.duplicate_reward not in DUPLICATE_REWARDS:
+        raise ConfigError(f"--duplicate-reward must be one of {' '.join(DUPLICATE_REWARDS)}, got {cfg.duplicate_reward}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:

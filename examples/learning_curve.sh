@@ -56,7 +56,7 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
     fmt = {role: [s["well_formatted"] for s in samples if s["iteration"] in its and s["group"].endswith(role)]
            for role in ("/propose", "/solve")}
     valid = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
-    new = [s["reward"] for s in valid if s["reason"] != "duplicate"]    # with --penalize-duplicates copies get -1
+    new = [s["reward"] for s in valid if s["reason"] != "duplicate"]    # --duplicate-reward changes what copies get
     valid = [s["reward"] for s in valid]
     print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
           f"{sum(fmt['/propose']) / max(len(fmt['/propose']), 1):.2f}, solver format "

@@ -209,14 +209,14 @@ def test_mini_batches_take_one_step_each(tiny_model_dir):
     assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 
 
-@pytest.mark.parametrize("penalize", [False, True])
-def test_a_copied_reference_is_scored_unless_duplicates_are_penalized(penalize):
-    """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer); with
-    --penalize-duplicates it gets no learnability estimate and the invalid-proposal reward."""
+@pytest.mark.parametrize("duplicate_reward, expected", [("learnability", 0.5), ("extreme", -0.5), ("invalid", -1.0)])
+def test_a_copied_reference_gets_the_duplicate_reward(duplicate_reward, expected):
+    """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer); unless
+    --duplicate-reward is learnability it gets no learnability estimate, and the extreme or the invalid reward."""
     from prompts import Proposal
-    from rewards import INVALID_PROPOSAL_REWARD, validate_proposals
+    from rewards import validate_proposals
     from sandbox import Sandbox
-    cfg = Config(learnability_samples=2, penalize_duplicates=penalize)
+    cfg = Config(learnability_samples=2, duplicate_reward=duplicate_reward, proposer_extreme_reward=-0.5)
     buffers = Buffers(["deduction"], capacity=10)
     buffers["deduction"].add([seed_task("deduction")])
     copy, new = seed_task("deduction"), Proposal(program="def f(a):\n    return a * 2", input="3")
@@ -226,14 +226,17 @@ def test_a_copied_reference_is_scored_unless_duplicates_are_penalized(penalize):
     assert [v.reason for v in verdicts] == ["duplicate", None] and all(v.valid for v in verdicts)
     proposals = [azr.Rollout("deduction", "propose", "", [], [1], "", well_formatted=True, validation=v)
                  for v in verdicts]
+    estimated = duplicate_reward == "learnability"
     estimate = azr.learnability_tasks(proposals, cfg)
-    assert [t.program for t in estimate] == ([] if penalize else [copy.program] * 2) + [new.program] * 2
+    assert [t.program for t in estimate] == ([copy.program] * 2 if estimated else []) + [new.program] * 2
     attempts = [azr.Rollout("deduction", "solve", "", [], [1], "", correct=ok)
                 for ok in [True, False] * (len(estimate) // 2)]
     azr.learnability(proposals, attempts, buffers, cfg)
     assert proposals[1].reward == 0.5 and proposals[1].solve_rate == 0.5
-    assert proposals[0].reward == (INVALID_PROPOSAL_REWARD if penalize else 0.5)
-    assert proposals[0].solve_rate == (None if penalize else 0.5)
+    assert proposals[0].reward == expected and proposals[0].solve_rate == (0.5 if estimated else None)
+    proposals[0].well_formatted = False                     # a malformed copy is never scored: -1 in every setting
+    azr.learnability(proposals, attempts[2:] if estimated else attempts, buffers, cfg)
+    assert proposals[0].reward == -1.0
 
 
 def test_split_counts_follows_distribution():
