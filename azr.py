@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
     preset = args.pop("preset", "paper" if torch.cuda.is_available() else "cpu-demo")
     if resume:
         saved = runlog.load_json(runlog.find_checkpoint(Path(resume)) / "state.json")["config"]
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
+        if unknown:     # e.g. a run saved before an option was renamed
+            raise ConfigError(f"--resume {resume}: the checkpoint's config has options this version does not know: "
+                              f"{' '.join(unknown)}")
         values = {**saved, "output_dir": resume, **args}
     else:
         values = {**PRESETS[preset], **args}

@@ -4,6 +4,7 @@ The tiny model is first taught the answer format (conftest.formatted_tiny_dir); 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -90,6 +91,7 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
     (["--template", "alpaca"], "--template must be one of r1 chat"),
     (["--proposer-prompt", "long"], "--proposer-prompt must be one of official form compact"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--duplicate-reward", "always"], "--duplicate-reward must be one of learnability extreme invalid"),
     (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
     (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
@@ -102,6 +104,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err and err.startswith("azr: error:")
+
+
+def test_resuming_a_checkpoint_with_an_unknown_option_is_one_line(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.json").write_text(json.dumps(
+        {"config": {**dataclasses.asdict(Config()), "penalize_duplicates": True}}))
+    assert azr.main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"azr: error: --resume {tmp_path / 'run'}: the checkpoint's config has options "
+                                "this version does not know: penalize_duplicates"]
 
 
 def test_unwritable_output_dir(tmp_path, capsys):
