@@ -243,12 +243,19 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
     return samples
 
 
+def well_formed(proposal: Rollout) -> bool:
+    """Valid and well formatted: the proposals step 3 can score."""
+    return proposal.validation.valid and proposal.well_formatted
+
+
+def is_copy(proposal: Rollout) -> bool:
+    """A well-formed proposal that repeats a buffered task, or one earlier in the batch."""
+    return well_formed(proposal) and proposal.validation.reason == "duplicate"
+
+
 def scored(proposal: Rollout, cfg: Config) -> bool:
-    """Step 3 scores a proposal when it is valid and well formatted, unless it copies a buffered task (or one
-    earlier in the batch) and --duplicate-reward is extreme or invalid."""
-    v = proposal.validation
-    return (v.valid and proposal.well_formatted
-            and not (cfg.duplicate_reward != "learnability" and v.reason == "duplicate"))
+    """Step 3 scores a well-formed proposal, except a copy when --duplicate-reward is extreme or invalid."""
+    return well_formed(proposal) and not (is_copy(proposal) and cfg.duplicate_reward != "learnability")
 
 
 def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
@@ -262,8 +269,7 @@ def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buf
     proposal gets -1, except a well-formatted copy under --duplicate-reward extreme, which gets the extreme reward."""
     scored_proposals = [s for s in proposals if scored(s, cfg)]
     for s in proposals:
-        copy = s.validation.valid and s.well_formatted and s.validation.reason == "duplicate"
-        extreme = copy and cfg.duplicate_reward == "extreme"
+        extreme = is_copy(s) and cfg.duplicate_reward == "extreme"
         s.reward = cfg.proposer_extreme_reward if extreme else INVALID_PROPOSAL_REWARD
     for k, s in enumerate(scored_proposals):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]

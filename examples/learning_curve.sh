@@ -55,9 +55,9 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
     share = sum(r["admitted"] for r in part) / max(proposals, 1)
     fmt = {role: [s["well_formatted"] for s in samples if s["iteration"] in its and s["group"].endswith(role)]
            for role in ("/propose", "/solve")}
-    valid = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
-    new = [s["reward"] for s in valid if s["reason"] != "duplicate"]    # --duplicate-reward changes what copies get
-    valid = [s["reward"] for s in valid]
+    valid_proposals = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
+    valid = [s["reward"] for s in valid_proposals]
+    new = [s["reward"] for s in valid_proposals if s["reason"] != "duplicate"]  # --duplicate-reward sets copies' reward
     print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
           f"{sum(fmt['/propose']) / max(len(fmt['/propose']), 1):.2f}, solver format "
           f"{sum(fmt['/solve']) / max(len(fmt['/solve']), 1):.2f}, mean reward of valid proposals "
