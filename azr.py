@@ -254,8 +254,18 @@ def is_copy(proposal: Rollout) -> bool:
 
 
 def scored(proposal: Rollout, cfg: Config) -> bool:
-    """Step 3 scores a well-formed proposal, except a copy when --duplicate-reward is extreme or invalid."""
+    """Step 3 scores a well-formed proposal, except a copy unless --duplicate-reward is learnability."""
     return well_formed(proposal) and not (is_copy(proposal) and cfg.duplicate_reward != "learnability")
+
+
+def unscored_reward(proposal: Rollout, cfg: Config) -> float:
+    """-1, except a well-formatted copy under --duplicate-reward extreme (the extreme reward) or halfway (midway
+    between the extreme reward and -1: below every new scored task, above every malformed proposal)."""
+    if is_copy(proposal) and cfg.duplicate_reward == "extreme":
+        return cfg.proposer_extreme_reward
+    if is_copy(proposal) and cfg.duplicate_reward == "halfway":
+        return (cfg.proposer_extreme_reward + INVALID_PROPOSAL_REWARD) / 2
+    return INVALID_PROPOSAL_REWARD
 
 
 def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
@@ -266,11 +276,10 @@ def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
 def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buffers, cfg: Config) -> None:
     """Step 3: proposer rewards from the N attempts at each learnability task (temperature as in training, no
     gradient). A scored proposal gets 1 - r, where r counts correct answers whatever their format; any other
-    proposal gets -1, except a well-formatted copy under --duplicate-reward extreme, which gets the extreme reward."""
+    proposal gets unscored_reward()."""
     scored_proposals = [s for s in proposals if scored(s, cfg)]
     for s in proposals:
-        extreme = is_copy(s) and cfg.duplicate_reward == "extreme"
-        s.reward = cfg.proposer_extreme_reward if extreme else INVALID_PROPOSAL_REWARD
+        s.reward = unscored_reward(s, cfg)
     for k, s in enumerate(scored_proposals):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
         rate = sum(a.correct for a in group) / len(group)

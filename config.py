@@ -11,7 +11,7 @@ from buffers import SeedFileError, read_seed_file
 from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
 from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
-DUPLICATE_REWARDS = ("learnability", "extreme", "invalid")
+DUPLICATE_REWARDS = ("learnability", "extreme", "halfway", "invalid")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Config:
     strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
     force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
     force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
-    duplicate_reward: str = field(default="learnability", metadata={"help": "reward of a well-formatted proposal that copies a buffered task (or one earlier in the batch): learnability (estimated like any task; the official code has no duplicate check), extreme (--proposer-extreme-reward, no estimate: nothing new to learn), invalid (-1, no estimate); measured in learning runs, README"})
+    duplicate_reward: str = field(default="learnability", metadata={"help": "reward of a well-formatted proposal that copies a buffered task (or one earlier in the batch): learnability (estimated like any task; the official code has no duplicate check), extreme (--proposer-extreme-reward, no estimate: nothing new to learn), halfway (midway between the extreme reward and -1, no estimate), invalid (-1, no estimate); measured in learning runs, README"})
     proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
     diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
     complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})

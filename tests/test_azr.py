@@ -91,7 +91,7 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
     (["--template", "alpaca"], "--template must be one of r1 chat"),
     (["--proposer-prompt", "long"], "--proposer-prompt must be one of official form compact"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--duplicate-reward", "always"], "--duplicate-reward must be one of learnability extreme invalid"),
+    (["--duplicate-reward", "always"], "--duplicate-reward must be one of learnability extreme halfway invalid"),
     (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
     (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
@@ -221,10 +221,11 @@ def test_mini_batches_take_one_step_each(tiny_model_dir):
     assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 
 
-@pytest.mark.parametrize("duplicate_reward, expected", [("learnability", 0.5), ("extreme", -0.5), ("invalid", -1.0)])
+@pytest.mark.parametrize("duplicate_reward, expected",
+                         [("learnability", 0.5), ("extreme", -0.5), ("halfway", -0.75), ("invalid", -1.0)])
 def test_a_copied_reference_gets_the_duplicate_reward(duplicate_reward, expected):
     """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer); unless
-    --duplicate-reward is learnability it gets no learnability estimate, and the extreme or the invalid reward."""
+    --duplicate-reward is learnability it gets no learnability estimate, and the extreme, halfway or invalid reward."""
     from prompts import Proposal
     from rewards import validate_proposals
     from sandbox import Sandbox
