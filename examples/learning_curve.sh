@@ -63,6 +63,17 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
           f"{sum(fmt['/solve']) / max(len(fmt['/solve']), 1):.2f}, mean reward of valid proposals "
           f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)}, of new (non-duplicate) ones "
           f"{sum(new) / max(len(new), 1):+.2f} over {len(new)} (samples.jsonl)")
+# each (iteration, task type) proposer group is whitened alone: a copy rewarded above its group's mean is reinforced
+group_rewards = {}
+for s in samples:
+    if s["group"].endswith("/propose"):
+        group_rewards.setdefault((s["iteration"], s["group"]), []).append(s["reward"])
+copies = [s for s in samples
+          if s["group"].endswith("/propose") and s.get("reason") == "duplicate" and s["well_formatted"]]
+gaps = [s["reward"] - sum(g) / len(g) for s in copies for g in [group_rewards[(s["iteration"], s["group"])]]]
+print(f"well-formatted copies {len(copies)}: above their group's mean reward (reinforced) "
+      f"{sum(d > 1e-9 for d in gaps)}, below it {sum(d < -1e-9 for d in gaps)}, "
+      f"at it (no signal) {sum(abs(d) <= 1e-9 for d in gaps)}")
 for name in ("eval_base", "eval_final"):
     for bench, r in json.loads((run / f"{name}.json").read_text())["results"].items():
         print(f"{name:<12} {bench} {r['correct']}/{r['n']} = {r['accuracy']:.3f}  format {r['format_ok']:.2f}")
