@@ -254,7 +254,7 @@ def is_copy(proposal: Rollout) -> bool:
 
 
 def scored(proposal: Rollout, cfg: Config) -> bool:
-    """Step 3 scores a well-formed proposal, except a copy unless --duplicate-reward is learnability."""
+    """Step 3 scores a well-formed proposal; a copy only when --duplicate-reward is learnability."""
     return well_formed(proposal) and not (is_copy(proposal) and cfg.duplicate_reward != "learnability")
 
 
