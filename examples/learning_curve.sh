@@ -70,7 +70,8 @@ for s in samples:
         group_rewards.setdefault((s["iteration"], s["group"]), []).append(s["reward"])
 copies = [s for s in samples
           if s["group"].endswith("/propose") and s.get("reason") == "duplicate" and s["well_formatted"]]
-gaps = [s["reward"] - sum(g) / len(g) for s in copies for g in [group_rewards[(s["iteration"], s["group"])]]]
+group_mean = {key: sum(rewards) / len(rewards) for key, rewards in group_rewards.items()}
+gaps = [s["reward"] - group_mean[(s["iteration"], s["group"])] for s in copies]
 print(f"well-formatted copies {len(copies)}: above their group's mean reward (reinforced) "
       f"{sum(d > 1e-9 for d in gaps)}, below it {sum(d < -1e-9 for d in gaps)}, "
       f"at it (no signal) {sum(abs(d) <= 1e-9 for d in gaps)}")
