@@ -1,7 +1,8 @@
 """bench/bench_generation.py — useful tokens/s of one self-play iteration's prompt mix: before and after, side by side.
 
-The mix is what a cpu-demo iteration generates: proposals (2 per task type), N learnability samples for 3 valid
-proposals (one per type) and a solver batch (2 per type), with the preset's token caps and sampling. Prompts are
+The mix is what a cpu-demo iteration of 6 proposals generates (the preset's size when this was measured; it now
+proposes 12): proposals (2 per task type), N learnability samples for 3 valid proposals (one per type) and a solver
+batch (2 per type), with the preset's token caps and sampling. Prompts are
 built by the loop's own code from the shipped official seed tasks. Two paths run in alternating rounds in one
 process:
 

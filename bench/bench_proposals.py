@@ -1,12 +1,15 @@
 """bench/bench_proposals.py — what makes the model write valid tasks? A probe of the proposer prompt, per cell.
 
-Each cell is a template x sampling setting x reference source. It samples `--samples` proposals (split evenly over
-deduction, abduction, induction) through the loop's own code: propose_prompt, render, generate, parse_proposal
-and validate_proposals in the real sandbox. It prints, per cell and task type, how many proposals were valid
-(admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and why the others failed.
+Each cell is a template x sampling setting x reference source. It samples `--samples` proposals, split evenly over
+`--task-types` (by default deduction, abduction, induction), through the loop's own code: propose_prompt, render,
+generate, parse_proposal and validate_proposals in the real sandbox. It prints, per cell and task type, how many
+proposals were valid (admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and
+why the others failed.
 
     python bench/bench_proposals.py                                  # default model, the cells below, 24 samples each
     python bench/bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity:form --samples 48
+    python bench/bench_proposals.py --cells r1:1.0:1.0:seed-file:compact --task-types induction --samples 48 \
+        --induction-inputs 4                                          # induction alone, on the official seeds' programs
 """
 from __future__ import annotations
 
@@ -45,14 +48,14 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
 
 
 def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int,
-             induction_inputs: int) -> dict:
+             induction_inputs: int, task_types: list[str]) -> dict:
     template, temperature, top_p, source, *style = cell.split(":")
     rng = random.Random(seed)
     buffers = reference_buffers(source, sb)
     pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
     jobs = []
     for i in range(samples):
-        task_type = BUILTIN_TASK_TYPES[i % 3]
+        task_type = task_types[i % len(task_types)]
         program = rng.choice(pool)
         jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
                                                         program=program, num_inputs=induction_inputs,
@@ -62,7 +65,7 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
                    temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
     seconds = time.perf_counter() - t0
     rows = {}
-    for task_type in BUILTIN_TASK_TYPES:
+    for task_type in task_types:
         mine = [(program, g) for (t, program, _), g in zip(jobs, out) if t == task_type]
         proposals = [parse_proposal(task_type, RESPONSE_PREFIX + g.text, program=program.program)
                      for program, g in mine]
@@ -74,8 +77,9 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
             "valid_and_formatted": sum(r.valid and p.well_formatted for r, p in zip(results, proposals)),
             "cap_hits": sum(g.truncated for _, g in mine),
             "failures": Counter(reason_kind(r.reason) for r in results if not r.valid).most_common(),
-            "samples": [{"response": g.text, "valid": r.valid, "reason": r.reason, "well_formatted": p.well_formatted}
-                        for (_, g), r, p in zip(mine, results, proposals)],
+            "samples": [{"program": program.program, "response": g.text, "valid": r.valid, "reason": r.reason,
+                         "well_formatted": p.well_formatted}
+                        for (program, g), r, p in zip(mine, results, proposals)],
         }
     tokens = sum(len(g.response_ids) for g in out)
     return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens, "types": rows}
@@ -92,7 +96,9 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS,
                         help="template:temperature:top_p:references[:prompt], references identity or seed-file, "
                              "prompt official (default), form or compact (azr.py --proposer-prompt)")
-    parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the three types")
+    parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the task types")
+    parser.add_argument("--task-types", nargs="+", default=list(BUILTIN_TASK_TYPES), choices=BUILTIN_TASK_TYPES,
+                        help="the task types proposed (e.g. induction alone, for its own cells)")
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--references", type=int, default=2, help="K reference tasks per prompt")
     parser.add_argument("--induction-inputs", type=int, default=10, help="inputs an induction proposal asks for")
@@ -106,7 +112,7 @@ def main() -> None:
         for cell in args.cells:
             torch.manual_seed(args.seed)
             row = run_cell(policy, tokenizer, sb, cell, args.samples, args.max_new_tokens, args.references, args.seed,
-                           args.induction_inputs)
+                           args.induction_inputs, args.task_types)
             report.append(row)
             total = {k: sum(r[k] for r in row["types"].values()) for k in ("n", "valid", "well_formatted",
                                                                             "valid_and_formatted", "cap_hits")}

@@ -53,14 +53,16 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
     its = {r["iteration"] for r in part}
     proposals = sum(v for r in part for k, v in r.items() if k.endswith("/propose/count"))
     share = sum(r["admitted"] for r in part) / max(proposals, 1)
-    fmt = {role: [s["well_formatted"] for s in samples if s["iteration"] in its and s["group"].endswith(role)]
-           for role in ("/propose", "/solve")}
+    fmt = {}  # over every response (metrics.jsonl); samples.jsonl keeps only --samples-per-group of each group
+    for role in ("/propose", "/solve"):
+        counts = [(v, r[k[:-len("count")] + "format_error_rate"]) for r in part for k, v in r.items()
+                  if k.endswith(role + "/count")]
+        fmt[role] = sum(n * (1 - e) for n, e in counts) / max(sum(n for n, _ in counts), 1)
     valid_proposals = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
     valid = [s["reward"] for s in valid_proposals]
     new = [s["reward"] for s in valid_proposals if s["reason"] != "duplicate"]  # --duplicate-reward sets copies' reward
     print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
-          f"{sum(fmt['/propose']) / max(len(fmt['/propose']), 1):.2f}, solver format "
-          f"{sum(fmt['/solve']) / max(len(fmt['/solve']), 1):.2f}, mean reward of valid proposals "
+          f"{fmt['/propose']:.2f}, solver format {fmt['/solve']:.2f}, mean reward of valid proposals "
           f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)}, of new (non-duplicate) ones "
           f"{sum(new) / max(len(new), 1):+.2f} over {len(new)} (samples.jsonl)")
 # each (iteration, task type) proposer group is whitened alone: a copy rewarded above its group's mean is reinforced
@@ -71,10 +73,15 @@ for s in samples:
 copies = [s for s in samples
           if s["group"].endswith("/propose") and s.get("reason") == "duplicate" and s["well_formatted"]]
 group_mean = {key: sum(rewards) / len(rewards) for key, rewards in group_rewards.items()}
+group_size = {(r["iteration"], k[:-len("/count")]): v for r in rows for k, v in r.items() if k.endswith("/propose/count")}
 gaps = [s["reward"] - group_mean[(s["iteration"], s["group"])] for s in copies]
-print(f"well-formatted copies {len(copies)}: above their group's mean reward (reinforced) "
-      f"{sum(d > 1e-9 for d in gaps)}, below it {sum(d < -1e-9 for d in gaps)}, "
-      f"at it (no signal) {sum(abs(d) <= 1e-9 for d in gaps)}")
+if all(len(group_rewards.get(key, [])) == n for key, n in group_size.items()):
+    print(f"well-formatted copies {len(copies)}: above their group's mean reward (reinforced) "
+          f"{sum(d > 1e-9 for d in gaps)}, below it {sum(d < -1e-9 for d in gaps)}, "
+          f"at it (no signal) {sum(abs(d) <= 1e-9 for d in gaps)}")
+else:  # a group's mean needs all its rewards
+    print("well-formatted copies: not counted against their group's mean, since samples.jsonl does not hold every "
+          "proposal (raise --samples-per-group to the proposals per task type)")
 for name in ("eval_base", "eval_final"):
     for bench, r in json.loads((run / f"{name}.json").read_text())["results"].items():
         print(f"{name:<12} {bench} {r['correct']}/{r['n']} = {r['accuracy']:.3f}  format {r['format_ok']:.2f}")

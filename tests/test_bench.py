@@ -1,7 +1,9 @@
 """The benchmark scripts in bench/ start from any directory: their imports of the repo's flat modules resolve and
-their options parse (the runs themselves are long and print figures; they are not part of the fast suite)."""
+their options parse. Their real runs are long and print figures, so they are not part of the fast suite; the proposal
+probe's task-type selection is checked on the tiny model."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +25,17 @@ def test_benchmark_help_runs_from_elsewhere(script, tmp_path):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_proposal_probe_runs_one_task_type_alone(tiny_model_dir, tmp_path):
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_proposals.py"), "--model", str(tiny_model_dir),
+                           "--cells", "r1:1.0:1.0:identity:compact", "--task-types", "induction", "--samples", "2",
+                           "--max-new-tokens", "8", "--induction-inputs", "4", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [cell] = json.loads(out.read_text())
+    assert list(cell["types"]) == ["induction"]
+    induction = cell["types"]["induction"]
+    assert induction["n"] == 2 and len(induction["samples"]) == 2
+    assert all(s["program"].startswith("def f") for s in induction["samples"])   # the identity seed's program
