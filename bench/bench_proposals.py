@@ -82,7 +82,8 @@ def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_to
                         for (program, g), r, p in zip(mine, results, proposals)],
         }
     tokens = sum(len(g.response_ids) for g in out)
-    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens, "types": rows}
+    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens,
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "types": rows}
 
 
 def reason_kind(reason: str | None) -> str:
@@ -118,7 +119,7 @@ def main() -> None:
                                                                             "valid_and_formatted", "cap_hits")}
             print(f"{cell:28s} valid {total['valid']:2d}/{total['n']}  formatted {total['well_formatted']:2d}  "
                   f"valid+formatted {total['valid_and_formatted']:2d}  cap hits {total['cap_hits']:2d}  "
-                  f"{row['tokens'] / row['seconds']:.0f} tok/s  {row['seconds']:.0f}s", flush=True)
+                  f"{row['tokens_per_second']:.0f} tok/s  {row['seconds']:.0f}s", flush=True)
             for task_type, r in row["types"].items():
                 print(f"    {task_type:10s} valid {r['valid']}/{r['n']} formatted {r['well_formatted']} "
                       f"cap {r['cap_hits']}  failures {r['failures']}", flush=True)
