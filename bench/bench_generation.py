@@ -2,9 +2,8 @@
 
 The mix is what a cpu-demo iteration of 6 proposals generates (the preset's size when this was measured; it now
 proposes 12): proposals (2 per task type), N learnability samples for 3 valid proposals (one per type) and a solver
-batch (2 per type), with the preset's token caps and sampling. Prompts are
-built by the loop's own code from the shipped official seed tasks. Two paths run in alternating rounds in one
-process:
+batch (2 per type), with the preset's token caps and sampling. Prompts are built by the loop's own code from the
+shipped official seed tasks. Two paths run in alternating rounds in one process:
 
 - padded: the loop as it was: three generation phases (propose, learnability, solve) through `padded_generate`
   below (plain batched `model.generate`: every prompt prefilled, LoRA in float32, transformers' `stop_strings`),

@@ -72,10 +72,11 @@ for s in samples:
         group_rewards.setdefault((s["iteration"], s["group"]), []).append(s["reward"])
 copies = [s for s in samples
           if s["group"].endswith("/propose") and s.get("reason") == "duplicate" and s["well_formatted"]]
-group_mean = {key: sum(rewards) / len(rewards) for key, rewards in group_rewards.items()}
-group_size = {(r["iteration"], k[:-len("/count")]): v for r in rows for k, v in r.items() if k.endswith("/propose/count")}
-gaps = [s["reward"] - group_mean[(s["iteration"], s["group"])] for s in copies]
+group_size = {(r["iteration"], k[:-len("/count")]): v
+              for r in rows for k, v in r.items() if k.endswith("/propose/count")}
 if all(len(group_rewards.get(key, [])) == n for key, n in group_size.items()):
+    group_mean = {key: sum(rewards) / len(rewards) for key, rewards in group_rewards.items()}
+    gaps = [s["reward"] - group_mean[(s["iteration"], s["group"])] for s in copies]
     print(f"well-formatted copies {len(copies)}: above their group's mean reward (reinforced) "
           f"{sum(d > 1e-9 for d in gaps)}, below it {sum(d < -1e-9 for d in gaps)}, "
           f"at it (no signal) {sum(abs(d) <= 1e-9 for d in gaps)}")
