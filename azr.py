@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 
@@ -305,25 +306,74 @@ def task_relative_advantages(samples: list[Rollout]) -> None:
             s.advantage = a
 
 
-def response_logps(policy, batch: list[Rollout], pad_id: int, temperature: float):
-    """Log-probabilities of each response token under the policy, with the logits and the response mask.
-    Prompts are left-padded and responses right-padded, so every response starts at the same column and the LM
-    head runs only on the response positions (logits_to_keep)."""
-    from trl.trainer.utils import pad, selective_log_softmax
+LOGITS_CHUNK_TOKENS = 1024    # response positions whose float32 logits exist at once in the update
 
-    device = next(policy.parameters()).device
-    prompts = pad([torch.tensor(s.prompt_ids) for s in batch], pad_id, padding_side="left")
-    responses = pad([torch.tensor(s.response_ids) for s in batch], pad_id, padding_side="right")
-    prompt_mask = pad([torch.ones(len(s.prompt_ids), dtype=torch.long) for s in batch], 0, padding_side="left")
-    response_mask = pad([torch.ones(len(s.response_ids), dtype=torch.long) for s in batch], 0, padding_side="right")
-    input_ids = torch.cat([prompts, responses], 1).to(device)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+def token_logps(policy, batch: list[Rollout], pad_id: int, temperature: float,
+                entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability and entropy of every response token of `batch` under the policy, flat, sequence by sequence.
+
+    The prompts' longest common prefix runs once and its keys and values serve every sequence (gradients flow back
+    through them); the rest is right-padded. The LM head runs only on the positions that predict a response token,
+    LOGITS_CHUNK_TOKENS at a time. Without gradient checkpointing only: with it, transformers keeps no cache."""
+    from trl.trainer.utils import pad
+
+    causal_lm = policy.get_base_model()
+    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    device = head.weight.device
+    shared = 0
+    if len(batch) > 1 and not causal_lm.is_activation_checkpointing:
+        shared = min(common_prefix_length([s.prompt_ids for s in batch]),
+                     min(len(s.prompt_ids) for s in batch) - 1)     # each sequence keeps its last prompt token
+    rows = [torch.tensor(s.prompt_ids[shared:] + s.response_ids) for s in batch]
+    input_ids = pad(rows, pad_id, padding_side="right").to(device)
+    mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, padding_side="right").to(device)
+    cache = None
     with models.lora_autocast(policy):                  # bf16 adapter matmuls on a bf16 base
-        logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        logits_to_keep=responses.shape[1] + 1).logits
-    logits = logits[:, :-1].float() / temperature
-    return selective_log_softmax(logits, responses.to(device)), logits, response_mask.to(device).float()
+        if shared > 0:
+            prefix = torch.tensor([batch[0].prompt_ids[:shared]], device=device)
+            cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(batch))
+        hidden = decoder(input_ids=input_ids, attention_mask=torch.cat([mask.new_ones(len(batch), shared), mask], 1),
+                         position_ids=shared + torch.arange(input_ids.shape[1], device=device).expand(len(batch), -1),
+                         past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        # a response token is predicted from the position before it: the last prompt token, then the response
+        row = torch.cat([torch.full((len(s.response_ids),), b) for b, s in enumerate(batch)])
+        column = torch.cat([torch.arange(len(s.response_ids)) + len(s.prompt_ids) - shared - 1 for s in batch])
+        targets = torch.cat([torch.tensor(s.response_ids) for s in batch]).to(device)
+        return head_logps(head, hidden[row.to(device), column.to(device)], targets, temperature, entropy_grad)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix all sequences share."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        n = next((k for k in range(n) if other[k] != first[k]), n)
+    return n
+
+
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+               entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM head, log-softmax and entropy over LOGITS_CHUNK_TOKENS positions at a time. With several chunks each is
+    recomputed in the backward, so one chunk's [tokens, vocab] float32 logits are alive at any time."""
+    chunks = list(zip(hidden.split(LOGITS_CHUNK_TOKENS), targets.split(LOGITS_CHUNK_TOKENS)))
+    recompute = len(chunks) > 1 and torch.is_grad_enabled()
+    outputs = [torch.utils.checkpoint.checkpoint(chunk_logps, head, h, t, temperature, entropy_grad,
+                                                 use_reentrant=False) if recompute
+               else chunk_logps(head, h, t, temperature, entropy_grad) for h, t in chunks]
+    return torch.cat([logp for logp, _ in outputs]), torch.cat([entropy for _, entropy in outputs])
+
+
+def chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of one chunk's tempered distributions, in float32."""
+    logits = head(hidden).float() / temperature
+    normalizer = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normalizer
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = normalizer - (logits.softmax(-1) * logits).sum(-1)
+    return logp, entropy
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -342,8 +392,6 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
     first mini-batch's from its own forward (ratio 1), the others' from a no-grad pass before any step. From the
     second step on the ratio moves and the clip acts. With several processes each backpropagates its share of a
     mini-batch (normalised by the whole mini-batch's token count) and the gradients are summed before the step."""
-    from trl.trainer.utils import entropy_from_logits, pad
-
     policy.train()
     samples = [s for s in samples if s.response_ids]
     if not samples:
@@ -354,8 +402,8 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
     old_logps: dict[int, torch.Tensor] = {}
     with timer("update"), torch.no_grad(), models.adapter_inputs_uncast(policy):
         for chunk in (c for mb in mini_batches[1:] for c in micro_batches(samples, mb, cfg.micro_batch_size)):
-            logp, _, _ = response_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
-            old_logps.update({i: row[:len(samples[i].response_ids)] for i, row in zip(chunk, logp)})
+            logp, _ = token_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
+            old_logps.update(zip(chunk, logp.split([len(samples[i].response_ids) for i in chunk])))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     names = ["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else [])
     stats = dict.fromkeys(names, 0.0)
@@ -366,26 +414,25 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
             tokens = sum(len(samples[i].response_ids) for i in mini_batch)
             for idx in micro_batches(samples, mini_batch, cfg.micro_batch_size):
                 batch = [samples[i] for i in idx]
+                lengths = [len(s.response_ids) for s in batch]
                 with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
-                    logp, logits, mask = response_logps(policy, batch, pad_id, cfg.temperature)
-                    old = pad([old_logps.setdefault(i, row[:len(s.response_ids)].detach())
-                               for i, s, row in zip(idx, batch, logp)], 0.0, padding_side="right")
-                    advantages = torch.tensor([s.advantage for s in batch], device=logp.device)[:, None]
+                    logp, entropy = token_logps(policy, batch, pad_id, cfg.temperature, cfg.entropy_coef > 0)
+                    old = torch.cat([old_logps.setdefault(i, part.detach()) for i, part in zip(idx, logp.split(lengths))])
+                    advantages = torch.tensor([s.advantage for s in batch for _ in range(len(s.response_ids))],
+                                              device=logp.device)
                     loss, ratio = clipped_policy_loss(logp, old, advantages, cfg.clip_ratio)
-                    with torch.set_grad_enabled(cfg.entropy_coef > 0):
-                        entropy = entropy_from_logits(logits)
                     if cfg.entropy_coef > 0:
                         loss = loss - cfg.entropy_coef * entropy
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), policy.disable_adapter():
-                            ref_logp, _, _ = response_logps(policy, batch, pad_id, cfg.temperature)
+                            ref_logp, _ = token_logps(policy, batch, pad_id, cfg.temperature)
                         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
                         loss = loss + cfg.kl_coef * kl
-                        stats["kl"] += float((kl.detach() * mask).sum()) / tokens
-                    ((loss * mask).sum() / tokens).backward()
-                stats["loss"] += float((loss.detach() * mask).sum()) / tokens
-                stats["entropy"] += float((entropy.detach() * mask).sum()) / tokens
-                stats["clip_fraction"] += float((((ratio - 1).abs() > cfg.clip_ratio).float() * mask).sum()) / tokens
+                        stats["kl"] += float(kl.detach().sum()) / tokens
+                    (loss.sum() / tokens).backward()
+                stats["loss"] += float(loss.detach().sum()) / tokens
+                stats["entropy"] += float(entropy.detach().sum()) / tokens
+                stats["clip_fraction"] += float(((ratio - 1).abs() > cfg.clip_ratio).sum()) / tokens
             with timer("update"):
                 sum_grads(trainable)
                 grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
@@ -405,8 +452,9 @@ def sum_grads(params: list[torch.Tensor]) -> None:
 
 
 def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list[list[int]]:
-    """This process's share of `indices`, sorted by length (little padding) and cut into micro-batches."""
-    mine = shard(sorted(indices, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids)))
+    """This process's share of `indices`, sorted by prompt (neighbours share a prompt prefix: token_logps runs it
+    once) and cut into micro-batches."""
+    mine = shard(sorted(indices, key=lambda i: (samples[i].prompt_ids, len(samples[i].response_ids))))
     return [mine[i:i + size] for i in range(0, len(mine), size)]
 
 

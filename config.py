@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=12, num_references=2, learnability_samples=4,
                      learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
                      proposer_prompt="compact", induction_inputs=4, generation_batch_size=32, micro_batch_size=2,
-                     mini_batches=2,
+                     mini_batches=2, gradient_checkpointing=False,
                      output_dir="runs/cpu-demo"),
     # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
     "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,

@@ -1,27 +1,28 @@
-"""bench/bench_update.py — seconds of one policy update: LoRA in float32 (PEFT's input casts) vs bf16 autocast.
+"""bench/bench_update.py — the TRR++ update, previous path against the current one, on one real default iteration.
 
-A cpu-demo iteration trains on 12 samples (6 proposals, 6 solver answers) in 2 mini-batches, micro-batches of 2.
-This builds 12 such samples (prompt and response lengths like a cpu-demo iteration's, random tokens) and runs
-`azr.policy_update` on them in alternating rounds, on the same policy:
+It runs one iteration of the cpu-demo preset on the default model (propose, validate, learnability, solve: real
+rollouts and advantages), then updates the same LoRA weights from the same rollouts in alternating rounds:
 
-- float32: PEFT casts every adapted layer's input to the float32 LoRA weights and the sum back (the update before);
-- autocast: the adapter's matmuls run in bf16 under `model.lora_autocast`, inputs uncast (the update now).
+- previous: every micro-batch left-padded prompts + right-padded responses through the whole model, the LM head on
+  the padded response columns at once, gradient checkpointing on (the CPU default until this change);
+- current: `azr.policy_update`: shared prompt prefixes run once, right padding only, the LM head chunked over the
+  response positions, no gradient checkpointing.
 
-It prints the update's seconds per round, their ratio, and how far apart the two paths' first-step log-probs and
-gradients are.
+It prints seconds per trained (response) token for each and their ratio, then a profile of one current update by
+pass (old log-probs, forward + backward, optimizer) and by operator group.
 
-    python bench/bench_update.py                 # default model, 2 rounds per path (about 5 minutes on 2 cores)
-    python bench/bench_update.py --model PATH --rounds 1     # any model path or hub id
+    python bench/bench_update.py                 # default model, 1 round per path (about 8 minutes on 2 cores)
+    python bench/bench_update.py --rounds 2 --model PATH
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
 import random
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -29,77 +30,200 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules
 import azr  # noqa: E402
 import model as models  # noqa: E402
+from buffers import Buffers  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
+from rewards import seed_task  # noqa: E402
+from sandbox import Sandbox  # noqa: E402
 
 
-def samples(vocab: int, rng: random.Random) -> list[azr.Rollout]:
-    """12 rollouts shaped like a cpu-demo iteration's: proposals (~300-token prompts, up to 384 new tokens) and
-    solver answers (~250-token prompts, up to 256 new tokens), advantages of both signs."""
-    rows = []
-    for role, prompt, cap in (("propose", 300, 384), ("solve", 250, 256)):
-        for k in range(6):
-            rows.append(azr.Rollout(
-                task_type=("deduction", "abduction", "induction")[k % 3], role=role, prompt="", response="",
-                prompt_ids=[rng.randrange(vocab) for _ in range(prompt + rng.randrange(-40, 40))],
-                response_ids=[rng.randrange(vocab) for _ in range(rng.randrange(cap // 3, cap))],
-                advantage=rng.choice((-1.0, 1.0)) * rng.uniform(0.3, 1.5)))
-    return rows
+def one_iteration(policy, tokenizer, cfg: Config) -> list[azr.Rollout]:
+    """The rollouts (with advantages) the update of a fresh run's first iteration trains on."""
+    rng = random.Random(cfg.seed)
+    buffers = Buffers(cfg.task_types, capacity=cfg.buffer_capacity, seed=seed_task)
+    counts = dict(zip(cfg.task_types, azr.split_counts(cfg.tasks_per_iteration, [1.0] * len(cfg.task_types))))
+    timer = azr.Timer()
+    with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb) as sb:
+        proposals, new_tasks = azr.propose(policy, tokenizer, sb, buffers, cfg, 1, rng, counts, False, timer)
+        estimate = azr.learnability_tasks(proposals, cfg)
+        batch = [t for task_type, n in counts.items()
+                 for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
+        answers = azr.solve(policy, tokenizer, sb, estimate + batch, cfg, False, "solve", timer)
+    azr.learnability(proposals, answers[:len(estimate)], buffers, cfg)
+    samples = proposals + answers[len(estimate):]
+    azr.task_relative_advantages(samples)
+    return samples
 
 
-def float32_adapter():
-    """The update as it was: no autocast, PEFT's input casts on."""
-    return mock.patch.multiple(models, lora_autocast=lambda policy: contextlib.nullcontext(),
-                               adapter_inputs_uncast=lambda policy: contextlib.nullcontext())
+def previous_logps(policy, batch: list[azr.Rollout], pad_id: int, temperature: float):
+    """The previous path's forward: left/right padding, the LM head on every response column at once."""
+    from trl.trainer.utils import pad, selective_log_softmax
+
+    prompts = pad([torch.tensor(s.prompt_ids) for s in batch], pad_id, padding_side="left")
+    responses = pad([torch.tensor(s.response_ids) for s in batch], pad_id, padding_side="right")
+    prompt_mask = pad([torch.ones(len(s.prompt_ids), dtype=torch.long) for s in batch], 0, padding_side="left")
+    response_mask = pad([torch.ones(len(s.response_ids), dtype=torch.long) for s in batch], 0, padding_side="right")
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    with models.lora_autocast(policy):
+        logits = policy(input_ids=torch.cat([prompts, responses], 1), attention_mask=attention_mask,
+                        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                        logits_to_keep=responses.shape[1] + 1).logits
+    logits = logits[:, :-1].float() / temperature
+    return selective_log_softmax(logits, responses), logits, response_mask.float()
+
+
+def previous_update(policy, optimizer, samples: list[azr.Rollout], cfg: Config, pad_id: int,
+                    rng: random.Random) -> None:
+    """The previous policy_update (entropy_coef and kl_coef 0, one process): same mini-batches, same loss."""
+    from trl.trainer.utils import entropy_from_logits, pad
+
+    policy.train()
+    perm = rng.sample(range(len(samples)), len(samples))
+    size = math.ceil(len(samples) / min(cfg.mini_batches, len(samples)))
+    mini_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
+
+    def micro(indices: list[int]) -> list[list[int]]:
+        order = sorted(indices, key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
+        return [order[i:i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
+
+    old: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), models.adapter_inputs_uncast(policy):
+        for chunk in (c for mb in mini_batches[1:] for c in micro(mb)):
+            logp, _, _ = previous_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
+            old.update({i: row[:len(samples[i].response_ids)] for i, row in zip(chunk, logp)})
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    for mini_batch in mini_batches:
+        optimizer.zero_grad(set_to_none=True)
+        tokens = sum(len(samples[i].response_ids) for i in mini_batch)
+        for idx in micro(mini_batch):
+            batch = [samples[i] for i in idx]
+            with models.adapter_inputs_uncast(policy):
+                logp, logits, mask = previous_logps(policy, batch, pad_id, cfg.temperature)
+                old_logp = pad([old.setdefault(i, row[:len(s.response_ids)].detach())
+                                for i, s, row in zip(idx, batch, logp)], 0.0, padding_side="right")
+                advantages = torch.tensor([s.advantage for s in batch])[:, None]
+                loss, _ = azr.clipped_policy_loss(logp, old_logp, advantages, cfg.clip_ratio)
+                with torch.no_grad():
+                    entropy_from_logits(logits)                     # the statistic it logged
+                ((loss * mask).sum() / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+
+
+def set_checkpointing(policy, on: bool) -> None:
+    causal_lm = policy.get_base_model()
+    if on:
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        causal_lm.activation_checkpointing_disable()
+
+
+def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state: dict) -> None:
+    """One current update under torch.profiler: seconds by pass and by operator group."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    policy.load_state_dict(state, strict=False)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    passes: dict[str, float] = defaultdict(float)
+    original_step, original_logps = optimizer.step, azr.token_logps
+
+    def timed_step(*args, **kwargs):
+        start = time.perf_counter()
+        with record_function("optimizer"):
+            out = original_step(*args, **kwargs)
+        passes["optimizer step"] += time.perf_counter() - start
+        return out
+
+    def timed_logps(*args, **kwargs):
+        start = time.perf_counter()
+        out = original_logps(*args, **kwargs)
+        passes["forward (no-grad old log-probs)" if not torch.is_grad_enabled() else "forward"] += \
+            time.perf_counter() - start
+        return out
+
+    optimizer.step, azr.token_logps = timed_step, timed_logps
+    try:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            azr.policy_update(policy, optimizer, samples, cfg, pad_id, azr.Timer(), random.Random(0))
+            total = time.perf_counter() - start
+    finally:
+        azr.token_logps = original_logps
+    passes["backward"] = total - sum(passes.values())
+    print(f"\nprofile of one current update ({total:.1f} s under the profiler), by pass:")
+    for name, seconds in passes.items():
+        print(f"  {name:36s} {seconds:7.1f} s  {100 * seconds / total:5.1f}%")
+    groups = {"matmul (linear layers, LoRA, LM head)": ("mm", "addmm", "bmm", "matmul", "linear"),
+              "attention (sdpa)": ("scaled_dot_product", "flash_attention"),
+              "log-softmax, logsumexp, softmax": ("softmax", "logsumexp", "gather"),
+              "elementwise and copies (norms, rotary, SiLU, casts)": ("mul", "add", "copy_", "cat", "pow", "neg",
+                                                                     "silu", "rsqrt", "mean", "sum", "div", "to",
+                                                                     "where", "fill_", "sub", "exp")}
+    seconds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        op = event.key.removeprefix("aten::")
+        group = next((g for g, ops in groups.items() if any(op == o or op.startswith(o + "_") or
+                                                               (o in ("scaled_dot_product", "flash_attention") and o in op)
+                                                               for o in ops)), "other")
+        seconds[group] += event.self_cpu_time_total / 1e6
+    busy = sum(seconds.values())
+    print("by operator group (self CPU time):")
+    for group, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:52s} {s:7.1f} s  {100 * s / busy:5.1f}%")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL, help="hub id or local path (default: the default model)")
-    ap.add_argument("--dtype", default="bf16", help="base weights dtype (the CPU default is bf16)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per path")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per path")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of the current update")
     args = ap.parse_args()
     models.set_torch_threads()
+    torch.manual_seed(0)
     cfg = Config(**{**PRESETS["cpu-demo"], "model": args.model})
-    policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                           load_in_4bit=False, gradient_checkpointing=True, device="cpu",
-                                           dtype=args.dtype)
+    policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                           load_in_4bit=False, gradient_checkpointing=False, device="cpu")
+    start = time.perf_counter()
+    samples = [s for s in one_iteration(policy, tokenizer, cfg) if s.response_ids]
+    prompt = sum(len(s.prompt_ids) for s in samples)
+    tokens = sum(len(s.response_ids) for s in samples)
+    print(f"one cpu-demo iteration's rollouts in {time.perf_counter() - start:.0f} s: {len(samples)} sequences, "
+          f"{prompt} prompt + {tokens} response (trained) tokens", flush=True)
     with torch.no_grad():                       # as after a few steps: B nonzero, so both LoRA matrices get gradients
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 1e-3)
-    batch = samples(len(tokenizer), random.Random(0))
     state = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k}
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    if not models.lora_below_base_precision(policy):
-        sys.exit(f"error: the base is {args.dtype}, not bf16, so both paths are the same")
-    totals = {"float32": 0.0, "autocast": 0.0}
+    totals = {"previous": 0.0, "current": 0.0}
+    weights = {}
     for rnd in range(1, args.rounds + 1):
         for path in totals:
-            policy.load_state_dict(state, strict=False)             # same weights for every round
+            policy.load_state_dict(state, strict=False)             # same weights, same rollouts, same shuffle
             optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-            timer = azr.Timer()
-            with float32_adapter() if path == "float32" else contextlib.nullcontext():
-                start = time.perf_counter()
-                stats = azr.policy_update(policy, optimizer, batch, cfg, tokenizer.pad_token_id, timer,
-                                          random.Random(0))
-                seconds = time.perf_counter() - start
+            set_checkpointing(policy, path == "previous")
+            start = time.perf_counter()
+            if path == "previous":
+                previous_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, random.Random(0))
+            else:
+                azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+                                  random.Random(0))
+            seconds = time.perf_counter() - start
             totals[path] += seconds
-            print(f"round {rnd} {path:8s} update {seconds:6.1f} s ({stats['steps']} optimizer steps, "
-                  f"loss {stats['loss']:+.4f}, grad norm {stats['grad_norm']:.4f})", flush=True)
-    print(f"update seconds: float32 {totals['float32']:.1f}, autocast {totals['autocast']:.1f}: "
-          f"{totals['float32'] / totals['autocast']:.2f}x")
-    probe = batch[:2]
-    grads, logps = {}, {}
-    for path in totals:
-        policy.load_state_dict(state, strict=False)
-        policy.zero_grad(set_to_none=True)
-        with float32_adapter() if path == "float32" else contextlib.nullcontext(), models.adapter_inputs_uncast(policy):
-            logp, _, mask = azr.response_logps(policy, probe, tokenizer.pad_token_id, cfg.temperature)
-            (-(logp * mask).sum() / mask.sum()).backward()
-        logps[path], grads[path] = logp.detach() * mask, torch.cat([p.grad.flatten() for p in trainable])
-    cos = float(torch.nn.functional.cosine_similarity(grads["float32"].double(), grads["autocast"].double(), dim=0))
-    print(f"2 samples: max |log-prob difference| {float((logps['float32'] - logps['autocast']).abs().max()):.4f}, "
-          f"gradient cosine {cos:.5f}, norm ratio {float(grads['autocast'].norm() / grads['float32'].norm()):.4f}")
+            weights[path] = torch.cat([p.detach().flatten().float() for p in trainable])
+            print(f"round {rnd} {path:8s} update {seconds:6.1f} s  {1000 * seconds / tokens:6.1f} ms per trained token",
+                  flush=True)
+    policy.load_state_dict(state, strict=False)
+    before = torch.cat([p.detach().flatten().float() for p in trainable])
+    cos = float(torch.nn.functional.cosine_similarity((weights["previous"] - before).double(),
+                                                      (weights["current"] - before).double(), dim=0))
+    per_token = {path: 1000 * t / args.rounds / tokens for path, t in totals.items()}
+    print(f"update per trained token: previous {per_token['previous']:.1f} ms, current {per_token['current']:.1f} ms: "
+          f"{per_token['previous'] / per_token['current']:.2f}x faster; weight updates' cosine {cos:.4f} "
+          f"(bf16 compute, so close to 1 but not exact; the float32 equality is tests/test_update.py)")
+    if not args.no_profile:
+        set_checkpointing(policy, False)
+        profile(policy, samples, cfg, tokenizer.pad_token_id, state)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def lora_policy(model_dir: str):
 def update(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One policy_update of lora_policy on fixed_batch; returns the trained LoRA weights and the update's stats."""
     policy, tokenizer = lora_policy(model_dir)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    # plain SGD: the step is the summed gradient itself (Adam would blow float rounding in a near-zero gradient
+    # element up to a whole lr-sized step, and would hide a gradient scaled by a wrong token count)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
     cfg = Config(micro_batch_size=2, ppo_epochs=2, entropy_coef=0.01, kl_coef=0.1)
     stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer(),
                               random.Random(0))

@@ -155,8 +155,8 @@ def update_setup(model_dir: Path, dtype: str = "fp32", gradient_checkpointing: b
 
 def logp_sum(policy, tokenizer, sample: azr.Rollout) -> float:
     with torch.no_grad():
-        logp, _, mask = azr.response_logps(policy, [sample], tokenizer.pad_token_id, 1.0)
-    return float((logp * mask).sum())
+        logp, _ = azr.token_logps(policy, [sample], tokenizer.pad_token_id, 1.0)
+    return float(logp.sum())
 
 
 def test_update_raises_positive_and_lowers_negative_advantage(tiny_model_dir):
