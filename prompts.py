@@ -17,8 +17,7 @@ with its prefix, and never raise: failures come back as `error`.
 AZR's entry-point rule: a program without `f` whose only top-level function has another name gets that function
 renamed to `f` (`rename_entry`; applied to proposals here, and to induction answers when they are checked).
 
-Each task type's one definition (rewards.TaskType) names the prompt builders, answer form and parsers it uses from
-here; rewards dispatches on the task type's name (propose_prompt, solve_prompt, parse_proposal, parse_answer).
+Each task type's one definition (rewards.TaskType) names the prompt builders and parsers it uses from here; rewards dispatches on the task type's name (propose_prompt, solve_prompt, parse_proposal, parse_answer).
 """
 from __future__ import annotations
 
@@ -460,36 +459,6 @@ def answer_parser(kind: str) -> Callable[[str, bool], Answer]:
     return parse
 
 
-# The answer form a proposer prompt may end with (--proposer-prompt form): the tags and blocks spelled out, as the
-# solver prompts do. A deviation from the official prompts, measured in bench/bench_proposals.py (README).
-IO_FORM = """Reply in exactly this form:
-<think>
-Your plan.
-</think>
-<answer>
-```python
-def f(...):
-    ...
-```
-```input
-the arguments of one call
-```
-</answer>"""
-INDUCTION_FORM = """Reply in exactly this form:
-<think>
-Your plan.
-</think>
-<answer>
-```input
-the arguments of one call
-```
-(one ```input block per input)
-```message
-your message
-```
-</answer>"""
-
-
 # The compact proposer prompts (--proposer-prompt compact): a few lines of rules, the references, and the answer form
 # filled in with the first reference (induction: with an example call of the program, so inputs have the right
 # shape). A deviation for small models, measured in bench/bench_proposals.py (README).
@@ -580,7 +549,7 @@ def compact_induction_prompt(task_type: str, references: list[Task], banned_word
                                      lines=lines)
 
 
-PROPOSER_PROMPTS = ("official", "form", "compact")   # --proposer-prompt: see rewards.propose_prompt
+PROPOSER_PROMPTS = ("official", "compact")   # --proposer-prompt: see rewards.propose_prompt
 
 
 # Templates. Both ask for `<think> reasoning </think> <answer> answer </answer>` and start every response (both

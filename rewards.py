@@ -7,8 +7,6 @@ Rewards (paper arXiv 2505.03335, Eqs. 4-5, as the official code computes them):
   their format.
 - solver_reward: 1 correct, -0.5 wrong but well formatted, -1 format error (a format error is -1 even if the
   extracted text happens to be right).
-- Optional additive proposer terms (weights default 0, AZR found no gain): diversity_reward (1 - max token-Jaccard
-  similarity to the buffer's programs) and complexity_reward (AST node count / COMPLEXITY_SCALE, capped at 1).
 
 validate_proposals returns a ValidationResult per proposal: (task, reason, hard, force_accepted); `task` is None
 when rejected. Admission follows the official code: every proposal that passes the hard checks is valid and its
@@ -32,7 +30,7 @@ Correctness (check_answers, sandbox runs with repeats=2): deduction compares the
   only if ALL outputs match. Outputs are compared with sandbox.output_matches: a genuine literal, same_output.
 
 Task types: each one is a single TaskType definition (DEDUCTION, ABDUCTION, INDUCTION below) that names its
-proposer prompts (official, answer form, compact), solver prompt, proposal and answer parsers (parts from
+proposer prompts (official, compact), solver prompt, proposal and answer parsers (parts from
 prompts.py), its sandbox rules (how a proposal becomes a task, how an answer is judged) and the seed task its buffer
 starts from. Every dispatcher reads the one registry, TASK_TYPES: propose_prompt, solve_prompt, parse_proposal,
 parse_answer, seed_task, validate_proposals, check_answers. A new task type is one TaskType passed to
@@ -41,19 +39,15 @@ register_task_type (examples/custom_task_type.py).
 from __future__ import annotations
 
 import ast
-import io
-import tokenize
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import prompts
-from buffers import Task, TaskBuffer, normalize_input, normalize_program
+from buffers import Task, TaskBuffer, normalize_input
 from prompts import BANNED_WORDS, PROPOSER_PROMPTS, Answer, Proposal, rename_entry
 from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
 
 INVALID_PROPOSAL_REWARD = -1.0
-COMPLEXITY_SCALE = 200  # AST nodes for complexity_reward == 1.0
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -70,41 +64,6 @@ def solver_reward(correct: bool, well_formatted: bool) -> float:
     if not well_formatted:
         return -1.0
     return 1.0 if correct else -0.5
-
-
-def _tokens(text: str) -> Counter:
-    try:
-        toks = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
-                if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
-                                  tokenize.ENDMARKER, tokenize.COMMENT)]
-    except (tokenize.TokenError, SyntaxError, IndentationError, ValueError):
-        toks = text.split()
-    return Counter(toks)
-
-
-def _task_text(task: Task) -> str:
-    return normalize_program(task.program) + "\n" + (task.input or "\n".join(task.inputs))
-
-
-def similarity(a: Task, b: Task) -> float:
-    """Multiset Jaccard similarity of the Python tokens of normalised program + input(s), in [0, 1]."""
-    ta, tb = _tokens(_task_text(a)), _tokens(_task_text(b))
-    union = sum((ta | tb).values())
-    return sum((ta & tb).values()) / union if union else 1.0
-
-
-def diversity_reward(task: Task, others: list[Task]) -> float:
-    """1 - max similarity to the other tasks (1.0 when there are none)."""
-    return 1.0 - max((similarity(task, o) for o in others), default=0.0)
-
-
-def complexity_reward(task: Task) -> float:
-    """Normalised AST node count of the program: min(1, nodes / COMPLEXITY_SCALE); 0 if it does not parse."""
-    try:
-        n = sum(1 for _ in ast.walk(ast.parse(task.program)))
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return 0.0
-    return min(1.0, n / COMPLEXITY_SCALE)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -216,7 +175,6 @@ class TaskType:
     name: str
     # proposer prompts: (task_type, references, banned_words, program, num_inputs) -> text
     propose: Callable[..., str]                    # the official prompt (--proposer-prompt official)
-    form: str = ""                                 # answer form appended to it (form); "" = none
     compact: Callable[..., str] | None = None      # compact prompt (compact); None = the official one
     solve: Callable[[Task, int], str]              # (task, num_shown) -> solver prompt
     parse_proposal: Callable[..., Proposal]        # (task_type, text, program) -> Proposal; never raises
@@ -236,7 +194,7 @@ _SEED_INDUCTION_INPUTS = ["'Hello world'", "1", "[1, 2, 3]", "{'a': 1}", "(4, 'b
 
 DEDUCTION = TaskType(
     name="deduction",
-    propose=prompts.propose_io_prompt, form=prompts.IO_FORM, compact=prompts.compact_io_prompt,
+    propose=prompts.propose_io_prompt, compact=prompts.compact_io_prompt,
     solve=prompts.solve_deduction_prompt,
     parse_proposal=prompts.parse_io_proposal, parse_answer=prompts.answer_parser("output"),
     proposal_jobs=_io_jobs, build_task=_io_builder("deduction"), soft_check=_io_soft,
@@ -244,7 +202,7 @@ DEDUCTION = TaskType(
     seed=lambda: Task("deduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"))
 ABDUCTION = TaskType(
     name="abduction",
-    propose=prompts.propose_io_prompt, form=prompts.IO_FORM, compact=prompts.compact_io_prompt,
+    propose=prompts.propose_io_prompt, compact=prompts.compact_io_prompt,
     solve=prompts.solve_abduction_prompt,
     parse_proposal=prompts.parse_io_proposal, parse_answer=prompts.answer_parser("input"),
     proposal_jobs=_io_jobs, build_task=_io_builder("abduction"), soft_check=_io_soft,
@@ -252,7 +210,7 @@ ABDUCTION = TaskType(
     seed=lambda: Task("abduction", IDENTITY_PROGRAM, "'Hello world'", "'Hello world'"))
 INDUCTION = TaskType(
     name="induction",
-    propose=prompts.propose_induction_prompt, form=prompts.INDUCTION_FORM, compact=prompts.compact_induction_prompt,
+    propose=prompts.propose_induction_prompt, compact=prompts.compact_induction_prompt,
     solve=prompts.solve_induction_prompt,
     parse_proposal=prompts.parse_induction_proposal, parse_answer=prompts.answer_parser("program"),
     proposal_jobs=_induction_jobs, build_task=_induction_build, soft_check=_induction_soft,
@@ -272,15 +230,13 @@ def register_task_type(task_type: TaskType) -> None:
 def propose_prompt(task_type: str, references: list[Task], banned_words: Sequence[str] = BANNED_WORDS,
                    program: Task | None = None, num_inputs: int = 10, style: str = "official") -> str:
     """Proposer prompt; induction uses `program` (a buffer task whose program gets new inputs). `style`: "official"
-    (the official wording), "form" (official + the task type's answer form), "compact" (its compact prompt; a task
-    type without one gets the official prompt)."""
+    (the official wording) or "compact" (its compact prompt; a task type without one gets the official prompt)."""
     if style not in PROPOSER_PROMPTS:
         raise ValueError(f"unknown proposer prompt {style!r}; choose from {', '.join(PROPOSER_PROMPTS)}")
     definition = TASK_TYPES[task_type]
     if style == "compact" and definition.compact is not None:
         return definition.compact(task_type, references, banned_words, program, num_inputs)
-    text = definition.propose(task_type, references, banned_words, program, num_inputs)
-    return text.rstrip("\n") + "\n\n" + definition.form if style == "form" and definition.form else text
+    return definition.propose(task_type, references, banned_words, program, num_inputs)
 
 
 def solve_prompt(task: Task, num_shown: int = 5) -> str:

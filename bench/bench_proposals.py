@@ -6,8 +6,8 @@ generate, parse_proposal and validate_proposals in the real sandbox. It prints, 
 proposals were valid (admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and
 why the others failed.
 
-    python bench/bench_proposals.py                                  # default model, the cells below, 24 samples each
-    python bench/bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity:form --samples 48
+    python bench/bench_proposals.py                               # default model, the cells below, 24 samples each
+    python bench/bench_proposals.py --cells r1:1.0:1.0:identity:compact chat:0.6:0.95:identity --samples 48
     python bench/bench_proposals.py --cells r1:1.0:1.0:seed-file:compact --task-types induction --samples 48 \
         --induction-inputs 4                                          # induction alone, on the official seeds' programs
 """
@@ -34,8 +34,8 @@ from rewards import BUILTIN_TASK_TYPES, parse_proposal, propose_prompt, seed_tas
 from sandbox import Sandbox  # noqa: E402
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
-DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:form", "r1:1.0:1.0:identity:compact",
-                 "r1:0.6:0.95:identity:compact", "chat:1.0:1.0:identity:compact"]
+DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:compact", "r1:0.6:0.95:identity:compact",
+                 "chat:1.0:1.0:identity:compact"]
 
 
 def reference_buffers(source: str, sb: Sandbox) -> Buffers:
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS,
                         help="template:temperature:top_p:references[:prompt], references identity or seed-file, "
-                             "prompt official (default), form or compact (azr.py --proposer-prompt)")
+                             "prompt official (default) or compact (azr.py --proposer-prompt)")
     parser.add_argument("--samples", type=int, default=24, help="proposals per cell, split over the task types")
     parser.add_argument("--task-types", nargs="+", default=list(BUILTIN_TASK_TYPES), choices=BUILTIN_TASK_TYPES,
                         help="the task types proposed (e.g. induction alone, for its own cells)")

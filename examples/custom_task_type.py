@@ -85,7 +85,7 @@ def judge(task, answer, results, num_shown) -> bool:
 
 
 TYPEOF = rewards.TaskType(
-    name=NAME, propose=propose_prompt, solve=solve_prompt,   # no form or compact prompt: every style is official
+    name=NAME, propose=propose_prompt, solve=solve_prompt,   # no compact prompt: every style is official
     parse_proposal=prompts.parse_io_proposal,                # ```python + ```input, like deduction
     parse_answer=prompts.answer_parser("output"),            # the ```output block, like deduction
     proposal_jobs=lambda p: [(p.program, p.input)], build_task=build_task, soft_check=soft_check,

@@ -60,7 +60,7 @@ for label, part in (("first quarter", rows[:quarter]), ("last quarter", rows[-qu
         fmt[role] = sum(n * (1 - e) for n, e in counts) / max(sum(n for n, _ in counts), 1)
     valid_proposals = [s for s in samples if s["iteration"] in its and s["group"].endswith("/propose") and s["valid"]]
     valid = [s["reward"] for s in valid_proposals]
-    new = [s["reward"] for s in valid_proposals if s["reason"] != "duplicate"]  # --duplicate-reward sets copies' reward
+    new = [s["reward"] for s in valid_proposals if s["reason"] != "duplicate"]  # copies: reason "duplicate"
     print(f"{label:<14} iterations {min(its)}-{max(its)}: admitted share {share:.2f}, proposer format "
           f"{fmt['/propose']:.2f}, solver format {fmt['/solve']:.2f}, mean reward of valid proposals "
           f"{sum(valid) / max(len(valid), 1):+.2f} over {len(valid)}, of new (non-duplicate) ones "

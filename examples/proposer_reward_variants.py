@@ -1,21 +1,76 @@
-"""Proposer-reward variants: what a task the solver always (or never) solves is worth to the proposer.
+"""Proposer-reward variants: the extreme reward, and how to add a reward term to the proposer's reward.
 
-The learnability reward is 1 - r for a solve rate r in (0, 1). At r = 0 or r = 1 the paper's Eq. 4 gives 0,
-while the official code gives -0.5 (--proposer-extreme-reward). This runs both from the same seed, one after
-the other, into OUTPUT_DIR/extreme_0.0 and OUTPUT_DIR/extreme_-0.5, and prints their last metrics side by side:
-a negative extreme reward pushes the proposer harder away from trivial and impossible tasks.
+A valid, well-formatted proposal earns the learnability reward 1 - r for a solve rate r in (0, 1). At r = 0 or 1
+the paper's Eq. 4 gives 0 and the official code -0.5 (--proposer-extreme-reward). A reward term is a function
+(task, the tasks of its buffer) -> float: appended to azr.PROPOSER_REWARD_TERMS, it is added to the reward of
+every proposal that learnability scores. This file writes two, which the paper tried as additions (it reports no
+gain): diversity (1 - the largest token-Jaccard similarity to a buffered task) and complexity (the program's AST
+node count / 200, at most 1), each weighted 0.5 here.
 
-    python examples/proposer_reward_variants.py                     # cpu-demo sizes, default model (2 runs)
+Each variant runs from the same seed, one after the other, into OUTPUT_DIR/<variant>, and the last metrics are
+printed side by side.
+
+    python examples/proposer_reward_variants.py                     # cpu-demo sizes, default model (4 runs)
     python examples/proposer_reward_variants.py --iterations 20     # any azr.py flag is passed through
 """
+import ast
+import io
 import json
 import sys
+import tokenize
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules
 import azr  # noqa: E402
+from buffers import Task, normalize_program  # noqa: E402
 
-VARIANTS = {"paper (Eq. 4)": 0.0, "official code": -0.5}
+WEIGHT = 0.5          # of each added term
+COMPLEXITY_SCALE = 200  # AST nodes for a complexity of 1
+
+
+def tokens(task: Task) -> Counter:
+    """The Python tokens of the normalised program and its input(s), as a multiset."""
+    text = normalize_program(task.program) + "\n" + (task.input or "\n".join(task.inputs))
+    skip = (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT)
+    try:
+        return Counter(t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in skip)
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        return Counter(text.split())
+
+
+def similarity(a: Task, b: Task) -> float:
+    """Multiset Jaccard similarity of two tasks' tokens, in [0, 1]."""
+    ta, tb = tokens(a), tokens(b)
+    union = sum((ta | tb).values())
+    return sum((ta & tb).values()) / union if union else 1.0
+
+
+def diversity(task: Task, buffered: list[Task]) -> float:
+    """1 - the largest similarity to a buffered task (1.0 for an empty buffer)."""
+    return 1.0 - max((similarity(task, b) for b in buffered), default=0.0)
+
+
+def complexity(task: Task, buffered: list[Task]) -> float:
+    """The program's AST node count / COMPLEXITY_SCALE, at most 1; 0 if it does not parse."""
+    try:
+        return min(1.0, sum(1 for _ in ast.walk(ast.parse(task.program))) / COMPLEXITY_SCALE)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0.0
+
+
+def weighted(term: Callable[[Task, list[Task]], float]) -> Callable[[Task, list[Task]], float]:
+    return lambda task, buffered: WEIGHT * term(task, buffered)
+
+
+# name -> (--proposer-extreme-reward, reward terms)
+VARIANTS: dict[str, tuple[float, list]] = {
+    "paper-eq4": (0.0, []),
+    "official": (-0.5, []),
+    "diversity": (-0.5, [weighted(diversity)]),
+    "complexity": (-0.5, [weighted(complexity)]),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,17 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(argv[i + 1])
         del argv[i:i + 2]
     rows = {}
-    for name, extreme in VARIANTS.items():
-        run_dir = out / f"extreme_{extreme}"
-        code = azr.main(["--proposer-extreme-reward", str(extreme), "--output-dir", str(run_dir)] + argv)
+    for name, (extreme, terms) in VARIANTS.items():
+        azr.PROPOSER_REWARD_TERMS[:] = terms
+        try:
+            code = azr.main(["--proposer-extreme-reward", str(extreme), "--output-dir", str(out / name)] + argv)
+        finally:
+            azr.PROPOSER_REWARD_TERMS.clear()
         if code:
             return code
-        rows[name] = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        rows[name] = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
     keys = sorted(k for k in set().union(*rows.values())
                   if k.endswith(("/propose/reward_mean", "/propose/validity_rate", "/solve/solve_rate")))
-    print(f"\n{'last iteration':<40}" + "".join(f"{name:>16}" for name in rows))
+    print(f"\n{'last iteration':<40}" + "".join(f"{name:>12}" for name in rows))
     for k in keys:
-        print(f"{k:<40}" + "".join(f"{azr.fmt(r.get(k)):>16}" for r in rows.values()))
+        print(f"{k:<40}" + "".join(f"{azr.fmt(r.get(k)):>12}" for r in rows.values()))
     return 0
 
 

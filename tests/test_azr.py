@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import random
+import types
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,8 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
     (["--iterations", "0"], "--iterations must be at least 1"),
     (["--mini-batches", "0"], "--mini-batches must be at least 1"),
     (["--template", "alpaca"], "--template must be one of r1 chat"),
-    (["--proposer-prompt", "long"], "--proposer-prompt must be one of official form compact"),
+    (["--proposer-prompt", "form"], "--proposer-prompt must be one of official compact"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--duplicate-reward", "always"], "--duplicate-reward must be one of learnability extreme halfway invalid"),
     (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
     (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
@@ -221,15 +221,13 @@ def test_mini_batches_take_one_step_each(tiny_model_dir):
     assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 
 
-@pytest.mark.parametrize("duplicate_reward, expected",
-                         [("learnability", 0.5), ("extreme", -0.5), ("halfway", -0.75), ("invalid", -1.0)])
-def test_a_copied_reference_gets_the_duplicate_reward(duplicate_reward, expected):
-    """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer); unless
-    --duplicate-reward is learnability it gets no learnability estimate, and the extreme, halfway or invalid reward."""
+def test_a_copied_reference_is_scored_like_any_task():
+    """A proposal that copies a buffered task is valid (reason "duplicate", kept out of the buffer) and gets the
+    learnability reward, as in the official code; a malformed proposal gets -1 and no estimate."""
     from prompts import Proposal
     from rewards import validate_proposals
     from sandbox import Sandbox
-    cfg = Config(learnability_samples=2, duplicate_reward=duplicate_reward, proposer_extreme_reward=-0.5)
+    cfg = Config(learnability_samples=2)
     buffers = Buffers(["deduction"], capacity=10)
     buffers["deduction"].add([seed_task("deduction")])
     copy, new = seed_task("deduction"), Proposal(program="def f(a):\n    return a * 2", input="3")
@@ -237,19 +235,41 @@ def test_a_copied_reference_gets_the_duplicate_reward(duplicate_reward, expected
         verdicts = validate_proposals(sb, "deduction", [Proposal(program=copy.program, input=copy.input), new], 1,
                                       existing=buffers["deduction"])
     assert [v.reason for v in verdicts] == ["duplicate", None] and all(v.valid for v in verdicts)
-    proposals = [azr.Rollout("deduction", "propose", "", [], [1], "", well_formatted=True, validation=v)
-                 for v in verdicts]
-    estimated = duplicate_reward == "learnability"
+    proposals = [azr.Rollout("deduction", "propose", "", [], [1], "", well_formatted=ok, validation=v)
+                 for v, ok in zip(verdicts + verdicts[:1], (True, True, False))]
     estimate = azr.learnability_tasks(proposals, cfg)
-    assert [t.program for t in estimate] == ([copy.program] * 2 if estimated else []) + [new.program] * 2
-    attempts = [azr.Rollout("deduction", "solve", "", [], [1], "", correct=ok)
-                for ok in [True, False] * (len(estimate) // 2)]
+    assert [t.program for t in estimate] == [copy.program] * 2 + [new.program] * 2
+    attempts = [azr.Rollout("deduction", "solve", "", [], [1], "", correct=ok) for ok in (True, False, True, True)]
     azr.learnability(proposals, attempts, buffers, cfg)
-    assert proposals[1].reward == 0.5 and proposals[1].solve_rate == 0.5
-    assert proposals[0].reward == expected and proposals[0].solve_rate == (0.5 if estimated else None)
-    proposals[0].well_formatted = False                     # a malformed copy is never scored: -1 in every setting
-    azr.learnability(proposals, attempts[2:] if estimated else attempts, buffers, cfg)
-    assert proposals[0].reward == -1.0
+    assert [(s.reward, s.solve_rate) for s in proposals] == [(0.5, 0.5), (-0.5, 1.0), (-1.0, None)]
+    assert azr.admit(buffers, {"deduction": [v.task for v in verdicts]}) == 1          # the copy is not added
+
+
+@pytest.mark.parametrize("flags, force_accept, lenient", [
+    ({}, False, False),
+    ({"force_accept_tasks": True}, True, False),
+    ({"lenient_answers": True}, False, True),
+    ({"force_accept_tasks": True, "lenient_answers": True, "force_accept_threshold": 1}, False, False)])
+def test_force_accept_and_lenient_answers_are_separate_warmups(flags, force_accept, lenient, monkeypatch):
+    """--force-accept-tasks reaches the validation, --lenient-answers the answer parsing, each alone, and only
+    while iteration < --force-accept-threshold."""
+    seen = {}
+
+    def propose(policy, tokenizer, sb, buffers, cfg, iteration, rng, counts, force_accept, timer):
+        seen["force_accept"] = force_accept
+        return [], {t: [] for t in counts}
+
+    def solve(policy, tokenizer, sb, tasks, cfg, lenient, desc, timer):
+        seen["lenient"] = lenient
+        return []
+
+    monkeypatch.setattr(azr, "propose", propose)
+    monkeypatch.setattr(azr, "solve", solve)
+    monkeypatch.setattr(azr, "policy_update", lambda *args: {})
+    buffers = Buffers(["deduction"], seed=seed_task)
+    azr.self_play_iteration(None, types.SimpleNamespace(pad_token_id=0), None, None, buffers, Config(**flags),
+                            {"deduction": 1}, 1, random.Random(0), azr.Timer())
+    assert seen == {"force_accept": force_accept, "lenient": lenient}
 
 
 def test_split_counts_follows_distribution():

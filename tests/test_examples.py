@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from buffers import Buffers, Task
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PY_EXAMPLES = ["ablations", "proposer_reward_variants", "custom_task_type"]
-ABLATIONS = {"deduction-only": ("task_types", ["deduction"]), "no-induction": ("task_types", ["deduction", "abduction"]),
+ABLATIONS = {"deduction-only": ("task_types", ["deduction"]),
+             "no-induction": ("task_types", ["deduction", "abduction"]),
              "no-references": ("num_references", 0), "solver-only": ("train_proposer", False),
-             "force-accept-warmup": ("force_accept_threshold", 50)}
+             "force-accept-warmup": ("lenient_answers", True)}
 
 
 @pytest.fixture(autouse=True)
@@ -66,15 +69,52 @@ def test_ablations_documented_and_bad_name(capsys):
     ablations = load("ablations")
     assert set(ablations.ABLATIONS) == set(ABLATIONS)
     for name, flags in ablations.ABLATIONS.items():
-        assert f"| {name} | {' '.join(flags)} |" in ablations.__doc__
+        assert f"    {name:<22}{' '.join(flags)}\n" in ablations.__doc__
     assert ablations.main(["no-such-ablation"]) == 2 and "unknown ablation" in capsys.readouterr().err
     assert ablations.main(["--list"]) == 0 and "deduction-only" in capsys.readouterr().out
 
 
-def test_proposer_reward_variants_run_both(tiny_model_dir, tmp_path):
-    assert load("proposer_reward_variants").main(tiny(tiny_model_dir, tmp_path / "run")) == 0
-    runs = [tmp_path / "run" / "extreme_0.0", tmp_path / "run" / "extreme_-0.5"]
-    assert [check_run(r)["proposer_extreme_reward"] for r in runs] == [0.0, -0.5]
+def test_proposer_reward_variants_run_each(tiny_model_dir, tmp_path):
+    import azr
+    variants = load("proposer_reward_variants")
+    assert variants.main(tiny(tiny_model_dir, tmp_path / "run")) == 0
+    configs = [check_run(tmp_path / "run" / name) for name in variants.VARIANTS]
+    assert [c["proposer_extreme_reward"] for c in configs] == [0.0, -0.5, -0.5, -0.5]
+    assert azr.PROPOSER_REWARD_TERMS == []                  # the terms are removed after each run
+
+
+def test_reward_terms_on_tiny_tasks():
+    """The example's diversity and complexity terms, and the loop adding a registered term to the learnability
+    reward of a scored proposal only."""
+    import azr
+    from config import Config
+    from rewards import ValidationResult
+    variants = load("proposer_reward_variants")
+    a = Task("deduction", "def f(x):\n    return x * 2", "3", "6")
+    same_layout = Task("deduction", "def f(x):\n    return (x*2)  # c", "3", "6")
+    far = Task("deduction", "def f(s):\n    return ''.join(sorted(set(s)))", "'hello'", "'ehlo'")
+    mid = Task("deduction", "def f(x):\n    return x * 3", "3", "9")
+    assert variants.similarity(a, same_layout) == 1.0 and variants.diversity(a, [same_layout]) == 0.0
+    assert variants.diversity(a, []) == 1.0 and variants.diversity(a, [far, same_layout]) == 0.0
+    assert 0.0 < variants.diversity(a, [mid]) < variants.diversity(a, [far]) <= 1.0
+    assert 0.0 <= variants.diversity(Task("deduction", "def f(:", "(", ""), [a]) <= 1.0   # unparseable: no raise
+    assert 0.0 < variants.complexity(a, []) < variants.complexity(far, []) <= 1.0
+    assert variants.complexity(Task("deduction", "def f(:"), []) == 0.0
+    huge = Task("deduction", "def f(x):\n" + "".join(f"    x = x + {i}\n" for i in range(200)) + "    return x")
+    assert variants.complexity(huge, []) == 1.0
+
+    buffers = Buffers(["deduction"])
+    buffers["deduction"].add([mid])
+    proposals = [azr.Rollout("deduction", "propose", "", [], [1], "", well_formatted=ok,
+                             validation=ValidationResult(a)) for ok in (True, False)]
+    attempts = [azr.Rollout("deduction", "solve", "", [], [1], "", correct=ok) for ok in (True, False)]
+    azr.PROPOSER_REWARD_TERMS[:] = variants.VARIANTS["diversity"][1]
+    try:
+        azr.learnability(proposals, attempts, buffers, Config(learnability_samples=2))
+    finally:
+        azr.PROPOSER_REWARD_TERMS.clear()
+    assert proposals[0].reward == pytest.approx(0.5 + 0.5 * variants.diversity(a, [mid]))
+    assert proposals[1].reward == -1.0                       # not well formatted: not scored, no term
 
 
 def test_custom_task_type_runs_one_tiny_iteration(tiny_model_dir, tmp_path):
@@ -97,7 +137,6 @@ def test_example_script_runs_as_a_program(tiny_model_dir, tmp_path):
 def test_custom_task_type_end_to_end_without_a_model():
     """The registered 'typeof' mode: parse a proposal, validate it in the sandbox, build the solver prompt, judge."""
     load("custom_task_type")
-    from buffers import Buffers
     from rewards import (check_answers, parse_answer, parse_proposal, propose_prompt, seed_task, solve_prompt,
                          validate_proposals)
     from sandbox import Sandbox

@@ -49,8 +49,6 @@ def test_propose_induction_prompt_uses_program():
 def test_proposer_prompt_styles():
     refs = [seed_task("deduction"), Task("deduction", "def f(x):\n    return x * 3", "2", "6")]
     official = propose_prompt("deduction", refs)
-    form = propose_prompt("deduction", refs, style="form")
-    assert form.startswith(official.rstrip("\n")) and form.endswith(TASK_TYPES["deduction"].form)
     for tt in ("deduction", "abduction"):
         compact = propose_prompt(tt, refs, style="compact")
         assert "return x * 3" in compact and "filled in with snippet_0" in compact
@@ -330,11 +328,11 @@ def test_register_fourth_task_type():
 
     def parse_a(text, lenient=False):
         return Answer(text.strip(), True)
-    riddle = dataclasses.replace(DEDUCTION, name="riddle", propose=propose, form="", compact=None, solve=solve,
+    riddle = dataclasses.replace(DEDUCTION, name="riddle", propose=propose, compact=None, solve=solve,
                                  parse_proposal=parse_p, parse_answer=parse_a, seed=lambda: Task("riddle", "p", "x"))
     try:
         register_task_type(riddle)
-        for style in ("official", "form", "compact"):      # no answer form, no compact prompt: the official one
+        for style in ("official", "compact"):      # no compact prompt: the official one
             assert propose_prompt("riddle", [], (), style=style) == "propose a riddle"
         assert solve_prompt(seed_task("riddle")) == "solve x"
         assert parse_proposal("riddle", " 1 ").input == "1" and parse_answer("riddle", " y ").text == "y"

@@ -11,8 +11,8 @@ import pytest
 from buffers import Task
 from prompts import Answer, Proposal
 from rewards import (BUILTIN_TASK_TYPES, DEDUCTION, INVALID_PROPOSAL_REWARD, TASK_TYPES, check_answers,
-                     complexity_reward, diversity_reward, literal_args, normalize_input, parse_answer, parse_proposal,
-                     proposer_reward, register_task_type, seed_task, similarity, solver_reward, validate_proposals)
+                     literal_args, normalize_input, parse_answer, parse_proposal, proposer_reward,
+                     register_task_type, seed_task, solver_reward, validate_proposals)
 from sandbox import Sandbox
 
 CRUX = Path(__file__).resolve().parents[1] / "data/cruxeval/cruxeval.jsonl"
@@ -74,24 +74,6 @@ def test_solver_reward_cases():
     assert solver_reward(False, True) == -0.5
     assert solver_reward(False, False) == -1.0
     assert solver_reward(True, False) == -1.0      # format error dominates
-
-
-def test_diversity_and_complexity():
-    a = Task("deduction", DOUBLE, "3", "6")
-    same_layout = Task("deduction", "def f(x):\n    return (x*2)  # c", "3", "6")
-    assert similarity(a, same_layout) == 1.0 and diversity_reward(a, [same_layout]) == 0.0
-    assert diversity_reward(a, []) == 1.0
-    far = Task("deduction", "def f(s):\n    return ''.join(sorted(set(s)))", "'hello'", "'ehlo'")
-    mid = Task("deduction", "def f(x):\n    return x * 3", "3", "9")
-    d_far, d_mid = diversity_reward(a, [far]), diversity_reward(a, [mid])
-    assert 0.0 < d_mid < d_far <= 1.0
-    assert diversity_reward(a, [far, same_layout]) == 0.0                 # max similarity
-    assert 0.0 <= diversity_reward(Task("deduction", "def f(:", "(", ""), [a]) <= 1.0   # unparseable: no raise
-    small, big = complexity_reward(a), complexity_reward(far)
-    assert 0.0 < small < big <= 1.0
-    assert complexity_reward(Task("deduction", "def f(:")) == 0.0
-    huge = Task("deduction", "def f(x):\n" + "".join(f"    x = x + {i}\n" for i in range(200)) + "    return x")
-    assert complexity_reward(huge) == 1.0
 
 
 def test_literal_args_and_normalize_input():
