@@ -278,7 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512, help="response cap per item")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES,
                    help=f"prompt template, as in training (default {DEFAULT_TEMPLATE})")
-    p.add_argument("--lenient", action="store_true", help="force-accept parsing (bare answers without tags/blocks)")
+    p.add_argument("--lenient", action="store_true", help="lenient parsing, as azr.py --lenient-answers (bare answers without tags/blocks)")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per CRUXEval program run")
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]

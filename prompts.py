@@ -9,7 +9,7 @@ Extraction order (after AZR's code):
 2. inside it, the LAST fenced block whose language tag matches exactly (```python / ```py for programs,
    ```input, ```output, ```message); an ```input block is never taken as a program;
 3. fallback: the same search over the whole text (then the answer is not `well_formatted`);
-4. lenient mode only (force-accept warm-up): an untagged ``` block, an unclosed trailing block, or the bare
+4. lenient mode only (--lenient-answers warm-up): an untagged ``` block, an unclosed trailing block, or the bare
    answer region / text, with no format penalty (`well_formatted` is True).
 `well_formatted` = AZR's check (`tags_ok`: the response, with its "<think>" prefix, starts
 `<think>...</think> <answer>...</answer>`) and the block was found inside the answer. Parsers take the response

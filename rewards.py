@@ -253,7 +253,7 @@ def parse_proposal(task_type: str, text: str, program: str = "") -> Proposal:
 
 
 def parse_answer(task_type: str, text: str, lenient: bool = False) -> Answer:
-    """Never raises; lenient = force-accept warm-up (tags optional, bare text accepted, no format penalty)."""
+    """Never raises; lenient (--lenient-answers): tags optional, bare text accepted, no format penalty."""
     if not isinstance(text, str):
         return Answer(well_formatted=lenient, error="not a string")
     if not isinstance(task_type, str) or task_type not in TASK_TYPES:

@@ -1,4 +1,5 @@
-"""model.py: default-model assembly and verification, resolving names, LoRA policy and eval loading."""
+"""default_model.py and model.py: default-model assembly and verification, resolving names, LoRA policy and eval
+loading."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import pytest
 import torch
 
+import default_model as D
 import model as M
 
 
@@ -23,12 +25,12 @@ def make_parts(tmp_path, chunks: list[bytes]):
 
 def test_assemble_parts_concatenates_in_order(tmp_path):
     parts, sha, size = make_parts(tmp_path, [b"GGUF" * 1000, b"abc" * 777, b"tail"])
-    dest = M.assemble_parts(parts, tmp_path / "cache" / "m.gguf", sha, size)
+    dest = D.assemble_parts(parts, tmp_path / "cache" / "m.gguf", sha, size)
     assert dest.read_bytes() == b"GGUF" * 1000 + b"abc" * 777 + b"tail"
-    assert M.sha256_file(dest) == sha
+    assert D.sha256_file(dest) == sha
     # a second call keeps the verified file
     mtime = dest.stat().st_mtime_ns
-    assert M.assemble_parts(parts, dest, sha, size) == dest and dest.stat().st_mtime_ns == mtime
+    assert D.assemble_parts(parts, dest, sha, size) == dest and dest.stat().st_mtime_ns == mtime
 
 
 def test_assemble_parts_rejects_corrupted_part(tmp_path):
@@ -36,7 +38,7 @@ def test_assemble_parts_rejects_corrupted_part(tmp_path):
     parts[1].write_bytes(b"y" * 2999 + b"z")  # same size, one byte flipped
     dest = tmp_path / "cache" / "m.gguf"
     with pytest.raises(M.ModelError, match="sha256"):
-        M.assemble_parts(parts, dest, sha, size)
+        D.assemble_parts(parts, dest, sha, size)
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # no partial file left behind
 
 
@@ -44,28 +46,28 @@ def test_assemble_parts_rejects_wrong_size(tmp_path):
     parts, sha, size = make_parts(tmp_path, [b"x" * 5000, b"y" * 3000])
     parts[1].write_bytes(b"y" * 10)
     with pytest.raises(M.ModelError, match="bytes"):
-        M.assemble_parts(parts, tmp_path / "m.gguf", sha, size)
+        D.assemble_parts(parts, tmp_path / "m.gguf", sha, size)
 
 
 def test_assemble_parts_rebuilds_corrupted_cache(tmp_path):
     parts, sha, size = make_parts(tmp_path, [b"a" * 100, b"b" * 100])
     dest = tmp_path / "m.gguf"
     dest.write_bytes(b"a" * 100 + b"c" * 100)  # right size, wrong content
-    M.assemble_parts(parts, dest, sha, size)
-    assert M.sha256_file(dest) == sha
+    D.assemble_parts(parts, dest, sha, size)
+    assert D.sha256_file(dest) == sha
 
 
 def test_missing_parts_name_the_pip_command():
     with pytest.raises(M.ModelError, match="pip install") as e:
-        M.find_parts(("azr-no-such-package-part1",))
+        D.find_parts(("azr-no-such-package-part1",))
     assert "\n" not in str(e.value)
 
 
 def test_default_model_path_returns_cached_folder(tmp_path):
-    out = tmp_path / M.DEFAULT_HF_DIR
+    out = tmp_path / D.DEFAULT_HF_DIR
     out.mkdir()
     (out / "config.json").write_text("{}")
-    assert M.default_model_path(tmp_path) == out  # no assembly, no conversion
+    assert D.default_model_path(tmp_path) == out  # no assembly, no conversion
 
 
 @pytest.mark.parametrize("name", ["/no/such/dir", "./missing_model", "missing.gguf", "~/nope/model.gguf", "a/b/c"])
