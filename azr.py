@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
     """Build the Config: dataclass defaults < preset < checkpoint's config (on --resume) < explicit flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="cpu-demo (default without CUDA) or paper (default with CUDA)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="cpu-demo (default without CUDA) or paper (default with CUDA)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -401,7 +402,8 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
                 lengths = [len(s.response_ids) for s in batch]
                 with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
                     logp, entropy = token_logps(policy, batch, pad_id, cfg.temperature, cfg.entropy_coef > 0)
-                    old = torch.cat([old_logps.setdefault(i, part.detach()) for i, part in zip(idx, logp.split(lengths))])
+                    old = torch.cat([old_logps.setdefault(i, part.detach())
+                                     for i, part in zip(idx, logp.split(lengths))])
                     advantages = torch.tensor([s.advantage for s in batch for _ in range(len(s.response_ids))],
                                               device=logp.device)
                     loss, ratio = clipped_policy_loss(logp, old, advantages, cfg.clip_ratio)

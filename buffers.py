@@ -30,7 +30,7 @@ class Task:
     program: str
     input: str = ""            # deduction/abduction: argument text, call is f(<input>)
     output: str = ""           # repr of f(input) as returned by the sandbox
-    inputs: list[str] = field(default_factory=list)    # induction: validated inputs; first num_shown shown, rest held out
+    inputs: list[str] = field(default_factory=list)    # induction: first num_shown shown, the rest held out
     outputs: list[str] = field(default_factory=list)   # induction: their outputs (repr strings)
     message: str = ""          # induction: the proposer's message
     iteration: int = -1        # iteration that created it (-1 = seed)
@@ -125,7 +125,8 @@ class TaskBuffer:
         return task.key() in self._keys
 
     def add(self, tasks: Iterable[Task]) -> int:
-        """Append tasks not already present (also dedups within `tasks`); evict oldest when full. Returns number added."""
+        """Append tasks not already present (also dedups within `tasks`); evict the oldest when full.
+        Returns the number added."""
         new = []
         for t in tasks:
             k = t.key()

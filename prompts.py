@@ -1,4 +1,5 @@
-"""Prompts and answer parsing for the Absolute Zero Reasoner (six templates: propose/solve x deduction/abduction/induction).
+"""Prompts and answer parsing for the Absolute Zero Reasoner (six templates: propose/solve x
+deduction/abduction/induction).
 
 Proposer prompts reword the official AZR prompts; solver prompts end in a literal answer skeleton. The template
 (`render`: the plain R1 conversation or the tokenizer's chat template) asks for
@@ -17,7 +18,8 @@ with its prefix, and never raise: failures come back as `error`.
 AZR's entry-point rule: a program without `f` whose only top-level function has another name gets that function
 renamed to `f` (`rename_entry`; applied to proposals here, and to induction answers when they are checked).
 
-Each task type's one definition (rewards.TaskType) names the prompt builders and parsers it uses from here; rewards dispatches on the task type's name (propose_prompt, solve_prompt, parse_proposal, parse_answer).
+Each task type's one definition (rewards.TaskType) names the prompt builders and parsers it uses from here;
+rewards dispatches on the task type's name (propose_prompt, solve_prompt, parse_proposal, parse_answer).
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ _INPUT_RULES = """### Input Requirements:
 - Separate several arguments with commas
 - Put quotes around string arguments"""
 
-_PROPOSE_IO = """## Task: Create a Python Code Snippet (custom classes allowed, defined at the top) with one Matching Input
+_PROPOSE_IO = ("## Task: Create a Python Code Snippet (custom classes allowed, defined at the top) "
+               """with one Matching Input
 
 Using the reference snippets below as examples, design a new and unique Python code snippet that takes deep
 algorithmic reasoning to {goal}. Submit a code snippet and one test input; the input is plugged into the snippet to
@@ -114,7 +117,7 @@ the final code snippet and its input.
 
 ### Reference Code Snippets:
 {references}
-"""
+""")
 
 _GOALS = {
     "deduction": dict(goal="deduce the output from the input",
@@ -126,7 +129,8 @@ _GOALS = {
                                  "deterministically produces"),
 }
 
-_PROPOSE_INDUCTION = """## Task: Write {n} Inputs for the Code Snippet below that produce diverse Outputs, and a Message about it
+_PROPOSE_INDUCTION = ("## Task: Write {n} Inputs for the Code Snippet below that produce diverse Outputs, "
+                      """and a Message about it
 
 Using the code snippet below, design {n} inputs that produce a diverse set of outputs. Some of your inputs and their
 outputs are given to a test subject, who must deduce the code snippet from them: this is an I.Q. test. You may also
@@ -170,7 +174,7 @@ creative. Then write the inputs, each in ```input blocks, and the message in a `
 {program}
 f(<|YOUR INPUT WILL BE PLUGGED HERE|>)
 ```
-"""
+""")
 
 _SOLVE_DEDUCTION = """## Task: Deduce the output of a Python program for an input
 ```python

@@ -1,6 +1,6 @@
 """Benchmark the default run, `python azr.py`, against its CPU targets; prints every figure it checks.
 
-    python bench/bench_azr.py                          # the default run on the default model (about 20 minutes on 2 cores)
+    python bench/bench_azr.py          # the default run on the default model (about 20 minutes on 2 cores)
     python bench/bench_azr.py --keep runs/bench_demo   # keep the run directory
     python bench/bench_azr.py --iterations 3           # any azr.py flag passes through
 

@@ -118,7 +118,8 @@ def evaluation(args) -> None:
 
     net, tokenizer = models.load_for_eval(args.model, dtype=args.dtype)
     items = evaluate.load_items("cruxeval-o", None, args.evaluate, from_end=True)
-    prompts = [render(tokenizer, evaluate.build_prompt("cruxeval-o", item), evaluate.DEFAULT_TEMPLATE) for item in items]
+    prompts = [render(tokenizer, evaluate.build_prompt("cruxeval-o", item), evaluate.DEFAULT_TEMPLATE)
+               for item in items]
     greedy = dict(temperature=0.0, top_p=1.0)
     batch = evaluate.parse_args([]).batch_size
     print(f"evaluate: {len(items)} CRUXEval-O items, greedy, {args.evaluate_tokens} new tokens; padded batch "
@@ -127,7 +128,8 @@ def evaluation(args) -> None:
     for name in ("padded", "shared"):
         stats, t0 = GenerationStats(), time.perf_counter()
         if name == "padded":
-            texts[name] = padded_generate(net, tokenizer, prompts, args.evaluate_tokens, batch_size=args.padded_batch_size,
+            texts[name] = padded_generate(net, tokenizer, prompts, args.evaluate_tokens,
+                                          batch_size=args.padded_batch_size,
                                           stats=stats, **greedy)
         else:
             texts[name] = [g.text for g in generate(net, tokenizer, prompts, args.evaluate_tokens, batch_size=batch,
@@ -136,7 +138,8 @@ def evaluation(args) -> None:
         with Sandbox() as sb:
             rows = evaluate.score("cruxeval-o", items, [RESPONSE_PREFIX + t for t in texts[name]], sb)
         print(f"evaluate {name:6s} {seconds[name]:7.1f} s, {stats.useful_tokens} tokens, useful/decoded "
-              f"{stats.useful_tokens / stats.decode_tokens:.2f}; correct {sum(r['correct'] for r in rows)}/{len(rows)}, "
+              f"{stats.useful_tokens / stats.decode_tokens:.2f}; "
+              f"correct {sum(r['correct'] for r in rows)}/{len(rows)}, "
               f"well formatted {sum(r['well_formatted'] for r in rows)}/{len(rows)}", flush=True)
     same = sum(a == b for a, b in zip(texts["padded"], texts["shared"]))
     print(f"evaluate ratio padded / shared time: {seconds['padded'] / seconds['shared']:.2f}x; "

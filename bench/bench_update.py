@@ -162,9 +162,9 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state:
     seconds: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         op = event.key.removeprefix("aten::")
-        group = next((g for g, ops in groups.items() if any(op == o or op.startswith(o + "_") or
-                                                               (o in ("scaled_dot_product", "flash_attention") and o in op)
-                                                               for o in ops)), "other")
+        fused = ("scaled_dot_product", "flash_attention")       # matched anywhere in the operator's name
+        group = next((g for g, ops in groups.items()
+                      if any(op == o or op.startswith(o + "_") or (o in fused and o in op) for o in ops)), "other")
         seconds[group] += event.self_cpu_time_total / 1e6
     busy = sum(seconds.values())
     print("by operator group (self CPU time):")

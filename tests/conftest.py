@@ -35,7 +35,8 @@ CORPUS = [
     "def f(a):\n    return a\n",
     "def f(x, y):\n    return x + y\n",
     "def f(s: str) -> str:\n    return s[::-1]\n",
-    "def f(nums):\n    total = 0\n    for n in nums:\n        if n % 2 == 0:\n            total += n\n    return total\n",
+    "def f(nums):\n    total = 0\n    for n in nums:\n        if n % 2 == 0:\n            total += n\n"
+    "    return total\n",
     "def f(d):\n    return {k: v for k, v in sorted(d.items())}\n",
     "def f(text):\n    words = text.split()\n    return ' '.join(w.capitalize() for w in words)\n",
     "assert f('Hello world') == 'Hello world'\n",
@@ -87,7 +88,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses the real default model (minutes on CPU); deselect with -m 'not slow'")
+    config.addinivalue_line("markers",
+                            "slow: uses the real default model (minutes on CPU); deselect with -m 'not slow'")
 
 
 # ----------------------------------------------------------------------------------------------------------

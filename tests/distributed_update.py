@@ -25,7 +25,8 @@ def fixed_batch(vocab_size: int, n: int = 5) -> list[azr.Rollout]:
     g = torch.Generator().manual_seed(1)
     samples = []
     for i in range(n):
-        prompt_len, response_len = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(2, 7, (1,), generator=g))
+        prompt_len = int(torch.randint(3, 9, (1,), generator=g))
+        response_len = int(torch.randint(2, 7, (1,), generator=g))
         ids = torch.randint(3, vocab_size, (prompt_len + response_len,), generator=g).tolist()
         samples.append(azr.Rollout("deduction" if i % 2 else "abduction", "solve", "", ids[:prompt_len],
                                    ids[prompt_len:], "", advantage=float(torch.randn(1, generator=g))))

@@ -83,8 +83,9 @@ def test_prompts_are_the_training_solver_prompts():
     from buffers import Task
     from rewards import solve_prompt
     item = ITEMS[0]
-    assert E.build_prompt("cruxeval-o", item) == solve_prompt(Task("deduction", item["code"], item["input"], item["output"]))
-    assert E.build_prompt("cruxeval-i", item) == solve_prompt(Task("abduction", item["code"], item["input"], item["output"]))
+    for benchmark, task_type in (("cruxeval-o", "deduction"), ("cruxeval-i", "abduction")):
+        task = Task(task_type, item["code"], item["input"], item["output"])
+        assert E.build_prompt(benchmark, item) == solve_prompt(task)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,8 @@ def test_custom_task_type_end_to_end_without_a_model():
                  parse_proposal("typeof", "<think>x</think><answer>```python\ndef f(a):\n    return a\n```\n"
                                           "```input\n3\n```</answer>"),
                  parse_proposal("typeof", "<think>x</think><answer>```python\nclass A:\n    def __repr__(self):\n"
-                                          "        return '1'\ndef f(a):\n    return A()\n```\n```input\n3\n```</answer>")]
+                                          "        return '1'\ndef f(a):\n    return A()\n```\n"
+                                          "```input\n3\n```</answer>")]
     with Sandbox(workers=1) as sb:
         results = validate_proposals(sb, "typeof", proposals, iteration=1, strict=True)
         assert results[0].valid and results[0].task.output == "dict"

@@ -27,7 +27,8 @@ def test_propose_io_prompts_show_references_and_banned_words():
     refs = [seed_task("deduction"), Task("deduction", "def f(x):\n    return x * 3", "2", "6")]
     for tt in ("deduction", "abduction"):
         p = propose_prompt(tt, refs, BANNED)
-        assert "<snippet_1>\n```python\ndef f(x):\n    return x * 3\n```\n```input\n2\n```\n```output\n6\n```\n</snippet_1>" in p
+        assert ("<snippet_1>\n```python\ndef f(x):\n    return x * 3\n```\n```input\n2\n```\n```output\n6\n```\n"
+                "</snippet_1>") in p
         assert "even in comments: os, sys, subprocess" in p and "```input" in p and "### Reference Code Snippets" in p
         assert "<think>" not in p         # the template asks for the tags
     assert "deduce the output from the input" in propose_prompt("deduction", refs)
@@ -207,7 +208,8 @@ def test_clean_program_drops_top_level_calls():
     assert clean_program("def f(:\n") == "def f(:"
     test_code = ("K = 3\ndef f(a):\n    return a * K\nx = 'John', {'age': 20}\nresult = f(x)\n"
                  "def helper(y):\n    return y\nclass C:\n    pass\n")
-    assert clean_program(test_code) == "K = 3\n\ndef f(a):\n    return a * K\n\ndef helper(y):\n    return y\n\nclass C:\n    pass"
+    assert clean_program(test_code) == ("K = 3\n\ndef f(a):\n    return a * K\n\ndef helper(y):\n    return y\n\n"
+                                        "class C:\n    pass")
 
 
 def test_parse_induction_proposal():
@@ -229,7 +231,8 @@ def test_parse_answer_good():
     a = parse_answer("induction", wrap("```python\ndef f(x):\n    return x\nprint(f(1))\n```"))
     assert a == Answer("def f(x):\n    return x", True)
     # generation started after the template's "<think>": the parsers see it in front of the response
-    assert parse_answer("deduction", RESPONSE_PREFIX + "reason</think><answer>```output\n1\n```</answer>").well_formatted
+    prefixed = RESPONSE_PREFIX + "reason</think><answer>```output\n1\n```</answer>"
+    assert parse_answer("deduction", prefixed).well_formatted
     assert not parse_answer("deduction", "reason</think><answer>```output\n1\n```</answer>").well_formatted
 
 
@@ -252,7 +255,8 @@ def test_parse_answer_lenient():
     assert parse_answer("deduction", "<answer> 'x' </answer>", lenient=True) == Answer("'x'", True)
     assert parse_answer("deduction", "<think>hmm</think> [1, 2]", lenient=True).text == "[1, 2]"
     assert parse_answer("abduction", "```\n3, 4\n```", lenient=True).text == "3, 4"
-    assert parse_answer("induction", "<answer>```python\ndef f(x):\n    return x", lenient=True).text.startswith("def f")
+    unclosed = "<answer>```python\ndef f(x):\n    return x"
+    assert parse_answer("induction", unclosed, lenient=True).text.startswith("def f")
     assert parse_answer("deduction", "```output\n7\n```", lenient=True) == Answer("7", True)
     empty = parse_answer("deduction", "", lenient=True)
     assert empty.well_formatted and empty.text == "" and empty.error

@@ -219,7 +219,8 @@ def test_default_forbidden_modules():
     ("def f(a):\n    try:\n        1 / 0\n    except Exception as e:\n        return e.__traceback__.tb_frame",
      "forbidden attribute: tb_frame"),
     ("async def g():\n    pass\ndef f(a):\n    return g().cr_frame.f_globals", "forbidden attribute: f_globals"),
-    ("def f(a):\n    match a:\n        case object(__class__=c):\n            return c", "forbidden attribute: __class__"),
+    ("def f(a):\n    match a:\n        case object(__class__=c):\n            return c",
+     "forbidden attribute: __class__"),
     ("def f(a): return __builtins__", "forbidden name: __builtins__"),
     ("def f(a): return __loader__.load_module('os')", "forbidden name: __loader__"),
     ("import collections\ndef f(a): return collections._sys", "forbidden attribute: _sys"),
@@ -272,7 +273,8 @@ def test_screen_rules(program, reason):
     "def f(a):\n    vars = [a]\n    dir = 'up'\n    return vars, dir",          # locals named vars and dir
     "def f(vars, dir):\n    return vars + dir",
     "def f(a):\n    getattr = len\n    return getattr(a)",
-    "class P:\n    def __init__(self, x):\n        self.x = x\n    def __repr__(self):\n        return type(self).__name__\n"
+    "class P:\n    def __init__(self, x):\n        self.x = x\n    def __repr__(self):\n"
+    "        return type(self).__name__\n"
     "def f(a):\n    return P(a).x, P.__init__.__name__, f.__name__",
     "import re\ndef f(a):\n    return re.match('a', a).string",                # an attribute named like a module
     "from __future__ import annotations\nfrom math import *\ndef f(a: int) -> int:\n    return floor(a)",
