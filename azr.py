@@ -30,7 +30,8 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,6 @@ from rewards import (
     validate_proposals,
 )
 from sandbox import Sandbox
-
-ROLES = ("propose", "solve")
-
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
     """Build the Config: dataclass defaults < preset < checkpoint's config (on --resume) < explicit flags."""
@@ -455,19 +453,14 @@ class Timer:
         self.generation = GenerationStats()     # positions this process computed in prefill and decode
         self.start = time.perf_counter()
 
-    def __call__(self, phase: str) -> "_Phase":
-        return _Phase(self, phase)
-
-
-class _Phase:
-    def __init__(self, timer: Timer, phase: str) -> None:
-        self.timer, self.phase = timer, phase
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.seconds[self.phase] += time.perf_counter() - self.t0
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        """`with timer(phase):` adds the block's wall time to the phase."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
 
 SAFETY_PATTERNS = re.compile(

@@ -1,8 +1,8 @@
 """bench/bench_proposals.py — what makes the model write valid tasks? A probe of the proposer prompt, per cell.
 
 Each cell is a template x sampling setting x reference source. It samples `--samples` proposals, split evenly over
-`--task-types` (by default deduction, abduction, induction), through the loop's own code: propose_prompt, render,
-generate, parse_proposal and validate_proposals in the real sandbox. It prints, per cell and task type, how many
+`--task-types` (by default deduction, abduction, induction), through the loop's own steps 1-2 (azr.propose:
+prompts, generation, parsing, validation in the real sandbox). It prints, per cell and task type, how many
 proposals were valid (admitted to the buffer), well formatted (proposer reward above -1), hit the token cap, and
 why the others failed.
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,9 +27,7 @@ import azr  # noqa: E402
 import model as models  # noqa: E402
 from buffers import Buffers  # noqa: E402
 from config import Config  # noqa: E402
-from generation import generate  # noqa: E402
-from prompts import RESPONSE_PREFIX, render  # noqa: E402
-from rewards import BUILTIN_TASK_TYPES, parse_proposal, propose_prompt, seed_task, validate_proposals  # noqa: E402
+from rewards import BUILTIN_TASK_TYPES, seed_task  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
 SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
@@ -49,41 +46,30 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
 
 def run_cell(policy, tokenizer, sb: Sandbox, cell: str, samples: int, max_new_tokens: int, k: int, seed: int,
              induction_inputs: int, task_types: list[str]) -> dict:
+    """One cell through the loop's own steps 1-2 (azr.propose: prompts, generation, parsing, validation)."""
     template, temperature, top_p, source, *style = cell.split(":")
-    rng = random.Random(seed)
-    buffers = reference_buffers(source, sb)
-    pool = [t for tt in ("deduction", "abduction") for t in buffers[tt].tasks]
-    jobs = []
-    for i in range(samples):
-        task_type = task_types[i % len(task_types)]
-        program = rng.choice(pool)
-        jobs.append((task_type, program, propose_prompt(task_type, buffers[task_type].sample_references(k, rng),
-                                                        program=program, num_inputs=induction_inputs,
-                                                        style=style[0] if style else "official")))
-    t0 = time.perf_counter()
-    out = generate(policy, tokenizer, [render(tokenizer, text, template) for _, _, text in jobs], max_new_tokens,
-                   temperature=float(temperature), top_p=float(top_p), batch_size=samples, desc=cell)
-    seconds = time.perf_counter() - t0
+    cfg = Config(template=template, temperature=float(temperature), top_p=float(top_p), num_references=k,
+                 proposer_prompt=style[0] if style else "official", induction_inputs=induction_inputs,
+                 max_new_tokens_propose=max_new_tokens, generation_batch_size=samples)
+    counts = dict(zip(task_types, azr.split_counts(samples, [1.0] * len(task_types))))
+    timer = azr.Timer()
+    out, _ = azr.propose(policy, tokenizer, sb, reference_buffers(source, sb), cfg, 1, random.Random(seed), counts,
+                         False, timer)
     rows = {}
     for task_type in task_types:
-        mine = [(program, g) for (t, program, _), g in zip(jobs, out) if t == task_type]
-        proposals = [parse_proposal(task_type, RESPONSE_PREFIX + g.text, program=program.program)
-                     for program, g in mine]
-        results = validate_proposals(sb, task_type, proposals, 1, num_shown=induction_inputs // 2,
-                                      existing=buffers[task_type])
+        mine = [s for s in out if s.task_type == task_type]
         rows[task_type] = {
-            "n": len(mine), "valid": sum(r.valid for r in results),
-            "well_formatted": sum(p.well_formatted for p in proposals),
-            "valid_and_formatted": sum(r.valid and p.well_formatted for r, p in zip(results, proposals)),
-            "cap_hits": sum(g.truncated for _, g in mine),
-            "failures": Counter(reason_kind(r.reason) for r in results if not r.valid).most_common(),
-            "samples": [{"program": program.program, "response": g.text, "valid": r.valid, "reason": r.reason,
-                         "well_formatted": p.well_formatted}
-                        for (program, g), r, p in zip(mine, results, proposals)],
+            "n": len(mine), "valid": sum(s.validation.valid for s in mine),
+            "well_formatted": sum(s.well_formatted for s in mine),
+            "valid_and_formatted": sum(s.validation.valid and s.well_formatted for s in mine),
+            "cap_hits": sum(s.truncated for s in mine),
+            "failures": Counter(reason_kind(s.validation.reason) for s in mine if not s.validation.valid).most_common(),
+            "samples": [{"prompt": s.prompt, "response": s.response, "valid": s.validation.valid,
+                         "reason": s.validation.reason, "well_formatted": s.well_formatted} for s in mine],
         }
-    tokens = sum(len(g.response_ids) for g in out)
-    return {"cell": cell, "seconds": round(seconds, 1), "tokens": tokens,
-            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "types": rows}
+    seconds = timer.seconds["generation"]
+    return {"cell": cell, "seconds": round(seconds, 1), "tokens": timer.tokens,
+            "tokens_per_second": round(timer.tokens / max(seconds, 1e-9), 1), "types": rows}
 
 
 def reason_kind(reason: str | None) -> str:

@@ -40,16 +40,11 @@ def tokens(task: Task) -> Counter:
         return Counter(text.split())
 
 
-def similarity(a: Task, b: Task) -> float:
-    """Multiset Jaccard similarity of two tasks' tokens, in [0, 1]."""
-    ta, tb = tokens(a), tokens(b)
-    union = sum((ta | tb).values())
-    return sum((ta & tb).values()) / union if union else 1.0
-
-
 def diversity(task: Task, buffered: list[Task]) -> float:
-    """1 - the largest similarity to a buffered task (1.0 for an empty buffer)."""
-    return 1.0 - max((similarity(task, b) for b in buffered), default=0.0)
+    """1 - the largest multiset Jaccard similarity of its tokens to a buffered task's (1.0 for an empty buffer)."""
+    mine = tokens(task)
+    overlaps = [(mine & other, mine | other) for other in map(tokens, buffered)]
+    return 1.0 - max((sum(a.values()) / max(sum(b.values()), 1) for a, b in overlaps), default=0.0)
 
 
 def complexity(task: Task, buffered: list[Task]) -> float:
@@ -60,16 +55,12 @@ def complexity(task: Task, buffered: list[Task]) -> float:
         return 0.0
 
 
-def weighted(term: Callable[[Task, list[Task]], float]) -> Callable[[Task, list[Task]], float]:
-    return lambda task, buffered: WEIGHT * term(task, buffered)
-
-
 # name -> (--proposer-extreme-reward, reward terms)
-VARIANTS: dict[str, tuple[float, list]] = {
+VARIANTS: dict[str, tuple[float, list[Callable[[Task, list[Task]], float]]]] = {
     "paper-eq4": (0.0, []),
     "official": (-0.5, []),
-    "diversity": (-0.5, [weighted(diversity)]),
-    "complexity": (-0.5, [weighted(complexity)]),
+    "diversity": (-0.5, [lambda task, buffered: WEIGHT * diversity(task, buffered)]),
+    "complexity": (-0.5, [lambda task, buffered: WEIGHT * complexity(task, buffered)]),
 }
 
 

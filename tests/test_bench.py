@@ -38,4 +38,4 @@ def test_proposal_probe_runs_one_task_type_alone(tiny_model_dir, tmp_path):
     assert list(cell["types"]) == ["induction"]
     induction = cell["types"]["induction"]
     assert induction["n"] == 2 and len(induction["samples"]) == 2
-    assert all(s["program"].startswith("def f") for s in induction["samples"])   # the identity seed's program
+    assert all("def f(a):\n    return a" in s["prompt"] for s in induction["samples"])   # the identity seed's

@@ -94,7 +94,7 @@ def test_reward_terms_on_tiny_tasks():
     same_layout = Task("deduction", "def f(x):\n    return (x*2)  # c", "3", "6")
     far = Task("deduction", "def f(s):\n    return ''.join(sorted(set(s)))", "'hello'", "'ehlo'")
     mid = Task("deduction", "def f(x):\n    return x * 3", "3", "9")
-    assert variants.similarity(a, same_layout) == 1.0 and variants.diversity(a, [same_layout]) == 0.0
+    assert variants.diversity(a, [same_layout]) == 0.0                 # same tokens: nothing new
     assert variants.diversity(a, []) == 1.0 and variants.diversity(a, [far, same_layout]) == 0.0
     assert 0.0 < variants.diversity(a, [mid]) < variants.diversity(a, [far]) <= 1.0
     assert 0.0 <= variants.diversity(Task("deduction", "def f(:", "(", ""), [a]) <= 1.0   # unparseable: no raise
