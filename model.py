@@ -15,11 +15,13 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+from sandbox import usable_cpus  # the CPUs this process may run on
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -92,15 +94,6 @@ def as_dtype(dtype: str | torch.dtype | None, device: str | None = None) -> torc
     if key not in names:
         raise ModelError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
     return names[key]
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which a container or taskset narrows), not the
-    machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def threads_per_process(local_processes: int = 1) -> int:
@@ -394,12 +387,13 @@ def lora_below_base_precision(policy) -> bool:
     return base == torch.bfloat16 and any(p.dtype != base for p in policy.parameters() if p.requires_grad)
 
 
-def lora_autocast(policy) -> torch.autocast:
+def lora_autocast(policy) -> AbstractContextManager:
     """Autocast to bf16 if `lora_below_base_precision`, so the adapter's matmuls run in bf16, as the sampler's merged
     bf16 weights do (generation.adapters_merged). Wrap the forward only; gradients reach the float32 weights.
-    Otherwise a disabled autocast."""
-    return torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16,
-                          enabled=lora_below_base_precision(policy))
+    Otherwise nothing."""
+    if not lora_below_base_precision(policy):
+        return nullcontext()
+    return torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16)
 
 
 @contextmanager
