@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None, Launc
                              "whose memory plan fits the card (see --plan)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--plan", action="store_true",
-                        help="print the preset, the model and the memory plan, then exit: 0 if it fits the GPU, 2 if not")
+                        help="print the preset, the model and the memory plan, then exit: 0 if it fits the GPU, "
+                             "2 if not")
     parser.add_argument("--gpu-memory-gib", type=float, metavar="N",
                         help="plan for a GPU of N GiB (any machine, a CPU included) instead of the GPU found")
     for f in dataclasses.fields(Config):

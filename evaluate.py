@@ -284,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per CRUXEval program run")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="4-bit NF4 base (default: as the run that trained --adapter; without --adapter, off)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: as the run that trained --adapter, else auto)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute dtype (default: as the run that trained --adapter, else auto)")
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]
     if unknown:

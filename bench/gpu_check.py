@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                        generation_batch_size=cfg.generation_batch_size, micro_batch_size=cfg.micro_batch_size,
                        max_new_tokens=cap, num_references=cfg.num_references,
                        gradient_checkpointing=cfg.gradient_checkpointing)
-    print(f"gpu_check: {device}, preset {preset}, {shape.layers} layers x {shape.hidden}, "
-          f"{'4-bit NF4' if four_bit else 'bf16 (bitsandbytes not installed: no 4-bit)' if device == 'cuda' else cfg.dtype}"
-          f" + LoRA, {cfg.generation_batch_size} rows x ({plan.prompt_tokens} + up to {cap} tokens), micro-batch "
+    weights = ("4-bit NF4" if four_bit else "bf16 (bitsandbytes not installed: no 4-bit)" if device == "cuda"
+               else cfg.dtype)
+    print(f"gpu_check: {device}, preset {preset}, {shape.layers} layers x {shape.hidden}, {weights} + LoRA, "
+          f"{cfg.generation_batch_size} rows x ({plan.prompt_tokens} + up to {cap} tokens), micro-batch "
           f"{cfg.micro_batch_size}\n{plan.table(card)}", flush=True)
     if card is not None and not plan.fits(card):
         print(f"gpu_check: the plan does not fit {card:.1f} GiB", file=sys.stderr)
@@ -178,8 +179,9 @@ def run_phases(policy, tokenizer, cfg: Config, plan: memory.Plan, device: str, m
         policy, tokenizer, texts, cap, temperature=1.0, batch_size=cfg.generation_batch_size, stats=stats))
     rows = [("generation (generation.generate)", seconds, peak, plan.generation_peak)]
     useful = sum(len(g.response_ids) for g in generated)
-    print(f"gpu_check: generation: {useful} tokens in {seconds:.1f}s = {useful / seconds:.0f} tokens/s; useful/computed "
-          f"decode tokens {useful}/{stats.decode_tokens} = {useful / max(stats.decode_tokens, 1):.2f}", flush=True)
+    print(f"gpu_check: generation: {useful} tokens in {seconds:.1f}s = {useful / seconds:.0f} tokens/s; "
+          f"useful/computed decode tokens {useful}/{stats.decode_tokens} = "
+          f"{useful / max(stats.decode_tokens, 1):.2f}", flush=True)
     try:
         cb_tokens, cb_seconds, cb_peak = measured(device, continuous_batching, policy, prompts, cap,
                                                      device != "cuda")
