@@ -73,7 +73,7 @@ def default_dtype(device: str | None = None) -> torch.dtype:
 def native_bf16(device: str | torch.device = "cuda") -> bool:
     """Does this CUDA GPU have bf16 arithmetic (compute capability 8.0+, Ampere on)? torch.cuda.is_bf16_supported()
     also says yes for older cards (T4, V100), where bf16 is emulated, far slower than their fp16."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def default_load_in_4bit(device: str | None = None) -> bool:

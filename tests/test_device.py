@@ -26,8 +26,8 @@ from rewards import seed_task
 def test_auto_dtype_is_bf16_only_where_native(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # it allows emulation
-    assert models.default_dtype("cuda") == dtype == models.as_dtype("auto", "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.default_dtype("cuda") == dtype == models.as_dtype("auto", "cuda")
     assert azr.plan_dtype(Config()) == {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     assert azr.plan_dtype(Config(dtype="fp32")) == "fp32"
 
