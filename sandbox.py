@@ -908,6 +908,14 @@ class _JobState:
         self.used: dict[int, int] = {}      # worker index -> runs of this job placed there
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
 class Sandbox:
     """A pool of fork-server workers; see the module docstring for what each run is confined by."""
 
@@ -916,7 +924,7 @@ class Sandbox:
                  max_stdout_chars: int = 4000, max_file_bytes: int = 1 << 20, screen: bool = True,
                  preimport: tuple[str, ...] = PREIMPORT, _disable: tuple[str, ...] = ()):
         """timeout: wall-clock seconds per run (each of the `repeats` runs has its own); memory_mb: address-space
-        limit; workers: default os.cpu_count(); max_output_chars: longer reprs give 'output too long';
+        limit; workers: default the CPUs this process may use; max_output_chars: longer reprs give 'output too long';
         max_stdout_chars: captured stdout+stderr kept; max_file_bytes: RLIMIT_FSIZE (stdout and files); screen: run
         check_program and check_inputs first (False: OS confinement only, for tests); preimport: modules each
         worker loads once; _disable: for tests only, OS features to leave off ('netns', 'landlock', 'seccomp',
@@ -932,7 +940,7 @@ class Sandbox:
         self.forbidden_modules, self.forbidden_calls = tuple(forbidden_modules), tuple(forbidden_calls)
         self.screen = screen
         self._lock = threading.Lock()        # one batch at a time (callers may share a Sandbox across threads)
-        self.num_workers = max(1, workers or os.cpu_count() or 1)
+        self.num_workers = max(1, workers or usable_cpus())
         self.base_dir = tempfile.mkdtemp(prefix="azr-sandbox-")
         paths = sysconfig.get_paths()        # children may read only the stdlib (lazy imports) and their cwd
         read_dirs = sorted({paths["stdlib"], paths["platstdlib"], os.path.dirname(os.__file__)})

@@ -1,6 +1,6 @@
 """The benchmark scripts in bench/ start from any directory: their imports of the repo's flat modules resolve and
 their options parse. Their real runs are long and print figures, so they are not part of the fast suite; the proposal
-probe's task-type selection is checked on the tiny model."""
+probe's task-type selection is checked on the tiny model, and the GPU check runs whole at a tiny shape."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = ["bench_azr.py", "bench_generation.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py",
-           "bench_update.py"]
+           "bench_update.py", "gpu_check.py"]
 
 
 def test_every_benchmark_is_listed():
@@ -39,3 +39,13 @@ def test_proposal_probe_runs_one_task_type_alone(tiny_model_dir, tmp_path):
     induction = cell["types"]["induction"]
     assert induction["n"] == 2 and len(induction["samples"]) == 2
     assert all("def f(a):\n    return a" in s["prompt"] for s in induction["samples"])   # the identity seed's
+
+
+def test_the_gpu_check_runs_at_a_tiny_shape(tmp_path):
+    """bench/gpu_check.py --tiny: a random model from the shipped config, shrunk, through the loop's generation,
+    transformers' continuous batching and one update step, with no download."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--tiny"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generation (generation.generate)" in proc.stdout and "update (2 x" in proc.stdout
+    assert "continuous batching:" in proc.stdout and "tokens/s" in proc.stdout

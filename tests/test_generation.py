@@ -159,3 +159,26 @@ def test_merged_adapters_sample_the_same_model_and_are_put_back(tiny_model_dir):
     with torch.no_grad(), policy.disable_adapter():                 # (PEFT's own switch sets the flags anew)
         plain = policy(input_ids=ids).logits
     assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(plain, adapted, atol=1e-2)
+
+
+def test_rows_leaving_the_cache_move_up_in_place_and_decoding_goes_on_without_a_new_buffer():
+    """GrowingLayer.batch_select_indices keeps the rows asked for, in order, inside the tensors it already holds:
+    no second cache beside the first, and the next steps write into the same room."""
+    from generation import GrowingLayer
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    layer, plain = GrowingLayer(room=8), DynamicLayer()
+    first = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 4)
+    layer.update(*first)
+    plain.update(*first)
+    buffer = layer.spare[0].data_ptr()
+    keep = torch.tensor([0, 2, 4])
+    layer.batch_select_indices(keep)
+    plain.batch_select_indices(keep)
+    for _ in range(3):                                  # decode steps after the drop
+        step = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        keys, values = layer.update(*step)
+        expected = plain.update(*step)
+        assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+    assert layer.spare[0].data_ptr() == buffer and keys.data_ptr() == buffer
