@@ -1,26 +1,8 @@
 """Kernel confinement of the sandbox's children (Linux; elsewhere only the rlimits apply).
 
-sandbox.py's workers call `prepare_worker` once at start-up, which builds every buffer and filter the children
-need; each pre-forked child then calls `confine`, which only makes the system calls. What each rule stops:
-
-| rule                             | set in        | stops                                                             |
-| -------------------------------- | ------------- | ----------------------------------------------------------------- |
-| rlimits                          | child         | CPU loops, memory bombs, fork bombs (RLIMIT_NPROC 0; not for      |
-|                                  |               | root), huge files, fd floods, core dumps                          |
-| network namespace (unshare)      | worker        | sockets reach nothing: a private, empty network                   |
-| not dumpable (PR_SET_DUMPABLE 0) | worker        | writes into the unconfined worker via /proc/<pid>/mem (inherited) |
-| parent-death signal              | child         | a child outliving its worker                                      |
-| no capabilities (capset)         | child         | root's privileges: owner checks, raw sockets, mounts, ...         |
-| no_new_privs                     | child         | regaining privileges through setuid binaries                      |
-| Landlock                         | child         | reads outside the stdlib and the job dir, writes outside the job  |
-|                                  |               | dir, TCP bind/connect, signals and abstract unix sockets outside  |
-|                                  |               | its domain                                                        |
-| seccomp (x86_64 only)            | child         | sockets, fork/clone/exec, ptrace, process_vm_*, pidfd, signals to |
-|                                  |               | other processes, raising rlimits, set*id, prctl, chmod/chown,     |
-|                                  |               | xattrs, mknod, mount, modules, namespaces, bpf, io_uring, keys,   |
-|                                  |               | SysV IPC, mqueues, clocks, scheduling; i386 calls kill, x32 EPERM |
-
-Missing features are reported, not fatal: `confine` returns which rules took effect.
+sandbox.py's workers call `prepare_worker` once at start-up (it builds every buffer and filter); each pre-forked
+child then calls `confine`, which only makes the system calls and returns which rules took effect. What each rule
+stops: docs/SANDBOX.md.
 """
 
 from __future__ import annotations

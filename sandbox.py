@@ -1,53 +1,9 @@
 """Fast, isolated execution of model-written Python: AZR's judge.
 
-Every reward in AZR comes from running code the model wrote, so this module must be right, safe against
-hostile and reward-hacking programs, and fast. Two layers:
-
-1. `check_program` / `check_inputs`: a static `ast` screen. It rejects programs with no `f`; imports of
-   FORBIDDEN_MODULES (AZR's list plus escape hatches: os, sys, inspect, gc, types, pickle, ctypes, string, ...)
-   and of private `_x` modules; the builtins in FORBIDDEN_CALLS (`eval`, `open`, `getattr`, `vars`, ...) where
-   no enclosing scope binds that name (a parameter named `input` is fine); attribute names that reach the
-   interpreter's internals (dunders other than `__init__`/`__name__`/..., private `_x` names, frame/code/
-   generator internals such as gi_frame and f_globals, attrgetter, methodcaller, Formatter, get_field, open,
-   and names of forbidden modules such as `typing.sys`); dunder names such as `__builtins__`. The error says
-   which rule fired. It gives task validity its reasons and keeps programs away from `os`; it is *not* the
-   safety boundary.
-2. `Sandbox`: each run is its own fresh process, forked from a pre-warmed worker ("fork server"). Workers are
-   small `python -P -s -S` processes started with an explicit minimal env (never forks of the caller, which may
-   hold torch threads); they talk to the parent over pipes, and each keeps one child forked and confined ahead
-   of time, so a run costs one pipe write. Workers are not dumpable (PR_SET_DUMPABLE 0, inherited by the
-   children: no /proc/<pid>/mem writes into a worker). Each child gets rlimits (CPU, address space, processes,
-   file size, open files, no core), a wall-clock kill of its process group, PDEATHSIG, a private temp cwd
-   (removed afterwards), stdin on /dev/null, stdout/stderr captured and capped, and on Linux: a private empty
-   network namespace (per worker), no capabilities, no_new_privs, Landlock (reads only under the Python stdlib
-   and its temp dir, writes only in its temp dir, no TCP, no signals or abstract unix sockets outside its
-   domain) and a seccomp filter (x86_64: no sockets, no fork/clone/exec, no ptrace, signals only to itself, no
-   raising rlimits, no chmod/chown/xattr/mount/namespaces/SysV IPC/...). Missing OS features are detected at
-   start-up (a probe child; `Sandbox()` waits for it) and reported by one RuntimeWarning. RLIMIT_NPROC does
-   not stop root, so where seccomp is missing (any arch but x86_64) a program that escapes the screen can fork.
-   The kernel calls (rlimits, namespaces, capabilities, Landlock, seccomp) are in confinement.py, with a table
-   of what each rule stops; this module forks the children and runs the jobs.
-
-`repeats=n` runs n separate child processes, each executing the program and calling f once, placed on
-different workers where possible (different workers have different address-space layouts; each child also
-shifts its heap by a random amount, so `id()`-dependent results differ). The trusted parent compares them:
-ok only if every run is ok and all repr texts and literal flags are identical, else 'nondeterministic' (or
-the error of a failed run). The timeout is per run. PYTHONHASHSEED is fixed, so set orders of str/int agree
-across workers and runs.
-
-The child sends back only text: the repr of the return value and whether the value was a plain literal
-(None/bool/int/float/complex/str/bytes/list/tuple/dict/set/frozenset, recursively, exact types, no
-cycles); the parent re-checks that the text parses as a literal (`literal_value`, which also accepts inf and
-nan). Outputs are compared in the trusted parent by `same_output` (ast-based, never eval), so an object
-whose `__eq__` is always True gains nothing. A custom object whose `__repr__` returns the gold text does yield
-that text, with `literal=False`: rewards should use `output_matches` (ok and literal and same_output) for
-outputs of model-written code.
-
-Residual risk: a program that gets past the screen to `os` (or any way to write to fd 3) can write a
-well-formed result line of its own, so it can fake what it "returned" (the same forged line in every run
-also passes the repeats check), though it cannot affect anything outside its own process. The mitigations are
-the screen (which every proposed and solver-written program passes) and abduction answers that rewards runs
-only when they are literal argument lists, so a solver cannot inject code through an input.
+Two layers: `check_program` / `check_inputs`, a static `ast` screen that gives validity its reasons (not the
+safety boundary), and `Sandbox`, which runs each program in a fresh confined process forked from a pre-warmed
+worker and compares the texts the children send back in the trusted parent (`same_output`, `output_matches`).
+The kernel rules are in confinement.py. Guarantees, limits and residual risks: docs/SANDBOX.md.
 """
 
 from __future__ import annotations
