@@ -169,8 +169,9 @@ def plan_dtype(cfg: Config) -> str:
     return "bf16"
 
 
-def memory_plan(cfg: Config) -> memory.Plan:
-    return memory.plan(model_shape(cfg.model), load_in_4bit=cfg.load_in_4bit, dtype=plan_dtype(cfg),
+def memory_plan(cfg: Config, shape: memory.Shape | None = None) -> memory.Plan:
+    """The plan of a run of cfg, for its --model's shape unless another is given."""
+    return memory.plan(shape or model_shape(cfg.model), load_in_4bit=cfg.load_in_4bit, dtype=plan_dtype(cfg),
                        lora_r=cfg.lora_r, generation_batch_size=cfg.generation_batch_size,
                        micro_batch_size=cfg.micro_batch_size,
                        max_new_tokens=max(cfg.max_new_tokens_propose, cfg.max_new_tokens_solve),

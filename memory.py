@@ -147,7 +147,7 @@ def plan(shape: Shape, *, load_in_4bit: bool, dtype: str, lora_r: int, generatio
     generation = generation_batch_size * ((prompt + max_new_tokens) * kv + 2 * prompt * kv // shape.layers)
     generation += generation_batch_size * shape.vocab * 4 * 3     # a decode step's float32 logits and sampling copies
     if not load_in_4bit:
-        generation += shape.linear_params() * size                # merged copies of the adapted weights
+        generation += linear * size                # merged copies of the adapted weights
     tokens = micro_batch_size * (prompt + max_new_tokens)
     per_token_layer = (ACTIVATION_HIDDEN_COPIES * shape.hidden + ACTIVATION_MLP_COPIES * shape.intermediate) * size
     if gradient_checkpointing:      # each layer's input kept, one layer's tensors recomputed at a time
@@ -171,9 +171,12 @@ def shipped_config(model: str) -> Path | None:
     return None
 
 
+def read_config(path: str | Path) -> dict:
+    """A config.json file, or the one in a folder."""
+    path = Path(path)
+    return json.loads((path / "config.json" if path.is_dir() else path).read_text())
+
+
 def load_shape(path: str | Path) -> Shape:
     """The Shape in a config.json file, or in a folder holding one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    return Shape.from_config(json.loads(path.read_text()))
+    return Shape.from_config(read_config(path))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import random
 import sys
 import tempfile
@@ -122,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model does not stop by itself)")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on this machine (CPU included), ~20 s")
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = json.loads((Path(args.model_config) / "config.json" if Path(args.model_config).is_dir()
-                         else Path(args.model_config)).read_text())
+    device = models.pick_device()
+    config = memory.read_config(args.model_config)
     four_bit = device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
     if args.tiny:
         config = {**config, **TINY}
@@ -142,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mini_batches": 1})
     shape = memory.Shape.from_config(config)
     cap = max(cfg.max_new_tokens_propose, cfg.max_new_tokens_solve)
-    plan = memory.plan(shape, load_in_4bit=four_bit, dtype=cfg.dtype, lora_r=cfg.lora_r,
-                       generation_batch_size=cfg.generation_batch_size, micro_batch_size=cfg.micro_batch_size,
-                       max_new_tokens=cap, num_references=cfg.num_references,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+    plan = azr.memory_plan(cfg, shape)
     weights = ("4-bit NF4" if four_bit else "bf16 (bitsandbytes not installed: no 4-bit)" if device == "cuda"
                else cfg.dtype)
     print(f"gpu_check: {device}, preset {preset}, {shape.layers} layers x {shape.hidden}, {weights} + LoRA, "
