@@ -382,48 +382,65 @@ def task_relative_advantages(samples: list[Rollout]) -> None:
             s.advantage = a
 
 
-def token_logps(policy, batch: list[Rollout], pad_id: int, temperature: float,
+def token_logps(policy, batch: list[Rollout], temperature: float,
                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability and entropy of every response token of `batch` under the policy, flat, sequence by sequence.
 
-    The prompts' longest common prefix runs once and its keys and values serve every sequence (gradients flow back
-    through them); the rest is right-padded. The LM head runs only on the positions that predict a response token,
-    LOGITS_CHUNK_TOKENS at a time. Without gradient checkpointing only: with it, transformers keeps no cache."""
-    from trl.trainer.utils import pad
-
+    The batch runs as one packed row, the trie of its token sequences (TokenTree): a prefix several sequences share
+    (a prompt's instructions, a reference task, a whole prompt) is computed once, nothing is padded, and gradients
+    reach the shared positions from every sequence that reads them, as in a forward per sequence. The LM head runs
+    only on the positions that predict a response token, LOGITS_CHUNK_TOKENS at a time."""
     causal_lm = policy.get_base_model()
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    device = head.weight.device
-    shared = 0
-    if len(batch) > 1 and not causal_lm.is_activation_checkpointing:
-        shared = min(common_prefix_length([s.prompt_ids for s in batch]),
-                     min(len(s.prompt_ids) for s in batch) - 1)     # each sequence keeps its last prompt token
-    rows = [torch.tensor(s.prompt_ids[shared:] + s.response_ids) for s in batch]
-    input_ids = pad(rows, pad_id, padding_side="right").to(device)
-    mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0, padding_side="right").to(device)
-    cache = None
+    device, dtype = head.weight.device, head.weight.dtype
+    tree = TokenTree([s.prompt_ids + s.response_ids for s in batch])
     with models.lora_autocast(policy):                  # bf16 adapter matmuls on a bf16 base
-        if shared > 0:
-            prefix = torch.tensor([batch[0].prompt_ids[:shared]], device=device)
-            cache = decoder(input_ids=prefix, use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(batch))
-        hidden = decoder(input_ids=input_ids, attention_mask=torch.cat([mask.new_ones(len(batch), shared), mask], 1),
-                         position_ids=shared + torch.arange(input_ids.shape[1], device=device).expand(len(batch), -1),
-                         past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        hidden = decoder(input_ids=tree.ids[None].to(device), position_ids=tree.depth[None].to(device),
+                         attention_mask=tree.attention_bias(dtype)[None, None].to(device)).last_hidden_state[0]
         # a response token is predicted from the position before it: the last prompt token, then the response
-        row = torch.cat([torch.full((len(s.response_ids),), b) for b, s in enumerate(batch)])
-        column = torch.cat([torch.arange(len(s.response_ids)) + len(s.prompt_ids) - shared - 1 for s in batch])
+        rows = torch.cat([path[len(s.prompt_ids) - 1:-1] for s, path in zip(batch, tree.paths)]).to(device)
         targets = torch.cat([torch.tensor(s.response_ids) for s in batch]).to(device)
-        return head_logps(head, hidden[row.to(device), column.to(device)], targets, temperature, entropy_grad)
+        return head_logps(head, hidden[rows], targets, temperature, entropy_grad)
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    """Length of the longest prefix all sequences share."""
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for other in sequences[1:]:
-        n = next((k for k in range(n) if other[k] != first[k]), n)
-    return n
+ALIGN_NODES = 16         # a packed row's node count is a multiple of this (see TokenTree)
+
+
+class TokenTree:
+    """The trie of some token sequences laid out as one row: each node is a token after a distinct prefix, stored
+    after its parent. `ids` and `depth` (the position id) per node; `paths[k]`: the node of each token of sequence k.
+    The row is padded to a multiple of ALIGN_NODES nodes that see only themselves: CUDA's memory-efficient attention
+    would copy an attention bias of any other width in every layer."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        node_of: dict[tuple[int, int], int] = {}         # (parent node, token) -> node
+        ids: list[int] = []
+        depth: list[int] = []
+        self.paths: list[torch.Tensor] = []
+        for sequence in sequences:
+            parent, path = -1, []
+            for token in sequence:
+                parent = node_of.setdefault((parent, token), len(ids))
+                if parent == len(ids):
+                    ids.append(token)
+                    depth.append(len(path))
+                path.append(parent)
+            self.paths.append(torch.tensor(path))
+        padding = -len(ids) % ALIGN_NODES
+        self.ids, self.depth = torch.tensor(ids + [0] * padding), torch.tensor(depth + [0] * padding)
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """[nodes, nodes] additive mask: 0 where a node may attend (itself and its ancestors), the dtype's minimum
+        elsewhere. One tensor, which every layer reads."""
+        visible = torch.eye(len(self.ids), dtype=torch.bool)
+        for path in self.paths:
+            visible[path[:, None], path[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest prefix two sequences share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -440,13 +457,14 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 def chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                 entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of one chunk's tempered distributions, in float32."""
-    logits = head(hidden).float() / temperature
-    normalizer = logits.logsumexp(-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normalizer
+    """log p(target) and the entropy of one chunk's tempered distributions, in float32. The logits are divided in
+    place and TRL's helpers go over them a slice of rows at a time: no second [tokens, vocab] float32 copy."""
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    logits = head(hidden).float().div_(temperature)
+    logp = selective_log_softmax(logits, targets)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = normalizer - (logits.softmax(-1) * logits).sum(-1)
-    return logp, entropy
+        return logp, entropy_from_logits(logits)
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -456,7 +474,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return -torch.min(ratio * advantages, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantages), ratio
 
 
-def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id: int, timer: "Timer",
+def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer: "Timer",
                   rng: random.Random) -> dict:
     """PPO-style clipped policy gradient with a token-level mean, one optimizer step per mini-batch.
 
@@ -475,7 +493,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
     old_logps: dict[int, torch.Tensor] = {}
     with timer("update"), torch.no_grad(), models.adapter_inputs_uncast(policy):
         for chunk in (c for mb in mini_batches[1:] for c in micro_batches(samples, mb, cfg.micro_batch_size)):
-            logp, _ = token_logps(policy, [samples[i] for i in chunk], pad_id, cfg.temperature)
+            logp, _ = token_logps(policy, [samples[i] for i in chunk], cfg.temperature)
             old_logps.update(zip(chunk, logp.split([len(samples[i].response_ids) for i in chunk])))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     names = ["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else [])
@@ -489,7 +507,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
                 batch = [samples[i] for i in idx]
                 lengths = [len(s.response_ids) for s in batch]
                 with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
-                    logp, entropy = token_logps(policy, batch, pad_id, cfg.temperature, cfg.entropy_coef > 0)
+                    logp, entropy = token_logps(policy, batch, cfg.temperature, cfg.entropy_coef > 0)
                     old = torch.cat([old_logps.setdefault(i, part.detach())
                                      for i, part in zip(idx, logp.split(lengths))])
                     advantages = torch.tensor([s.advantage for s in batch for _ in range(len(s.response_ids))],
@@ -499,7 +517,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, pad_id
                         loss = loss - cfg.entropy_coef * entropy
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), policy.disable_adapter():
-                            ref_logp, _ = token_logps(policy, batch, pad_id, cfg.temperature)
+                            ref_logp, _ = token_logps(policy, batch, cfg.temperature)
                         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
                         loss = loss + cfg.kl_coef * kl
                         stats["kl"] += float(kl.detach().sum()) / tokens
@@ -526,10 +544,24 @@ def sum_grads(params: list[torch.Tensor]) -> None:
 
 
 def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list[list[int]]:
-    """This process's share of `indices`, sorted by prompt (neighbours share a prompt prefix: token_logps runs it
-    once) and cut into micro-batches."""
-    mine = shard(sorted(indices, key=lambda i: (samples[i].prompt_ids, len(samples[i].response_ids))))
-    return [mine[i:i + size] for i in range(0, len(mine), size)]
+    """This process's share of `indices`, sorted by token sequence (neighbours share the longest prefixes) and cut
+    into micro-batches of at most `size` times the longest sequence's positions, counting a prefix that
+    token_logps computes once once: the memory of `size` padded sequences, more of them where they share."""
+    mine = shard(sorted(indices, key=lambda i: samples[i].prompt_ids + samples[i].response_ids))
+    sequences = {i: samples[i].prompt_ids + samples[i].response_ids for i in mine}
+    budget = size * max((len(s) for s in sequences.values()), default=0)
+    batches: list[list[int]] = []
+    positions, previous = 0, []
+    for i in mine:
+        new = len(sequences[i]) - common_prefix_length(previous, sequences[i])   # sorted: the longest shared prefix
+        if batches and positions + new <= budget:                                # is the one with the neighbour
+            batches[-1].append(i)
+            positions += new
+        else:
+            batches.append([i])
+            positions = len(sequences[i])
+        previous = sequences[i]
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -710,7 +742,7 @@ def self_play_iteration(policy, tokenizer, optimizer, sb: Sandbox, buffers: Buff
     # 5. TRR++ update over the six (task type, role) groups
     samples = (proposals if cfg.train_proposer else []) + solutions
     task_relative_advantages(samples)
-    update = policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, timer, rng)
+    update = policy_update(policy, optimizer, samples, cfg, timer, rng)
     # 6. admit the new valid tasks. As in the official code, they enter the buffers after the update of the
     # iteration that proposed them: this iteration's references, copy checks and rewards all saw the buffers as
     # the iteration began (its solver batch took the new tasks directly).

@@ -6,9 +6,10 @@ gradients and AdamW states) and the larger of its two phases' working sets:
   generation  the KV cache of generation_batch_size rows x (longest prompt + token cap) (generation.prefill
               frees each layer of the prompts' own caches once copied), a decode step's logits, and a merged copy
               of the adapted weights when the base is not 4-bit (generation.adapters_merged)
-  update      one micro-batch of micro_batch_size x (prompt + response) tokens: the activations kept for the
-              backward (one hidden state per layer with gradient checkpointing, every layer's tensors without),
-              and the LM head's float32 logits, LOGITS_CHUNK_TOKENS positions at a time (azr.head_logps)
+  update      one micro-batch, a packed row of at most micro_batch_size x (prompt + response) positions
+              (azr.micro_batches): the activations kept for the backward (one hidden state per layer with
+              gradient checkpointing, every layer's tensors without), the row's [positions, positions] attention
+              bias, and the LM head's float32 logits, LOGITS_CHUNK_TOKENS positions at a time (azr.head_logps)
 
 plus the CUDA context and the allocator's fragmentation. The constants below are estimates from the shapes; no
 GPU has measured them yet (bench/gpu_check.py prints the measured peaks beside these).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 GIB = 2**30
 LOGITS_CHUNK_TOKENS = 1024       # response positions whose float32 logits exist at once in the update (azr.py)
-LOGITS_CHUNK_COPIES = 4          # float32 [chunk, vocab] tensors alive at once: logits, /temperature, softmax, grad
+LOGITS_CHUNK_COPIES = 2          # float32 [chunk, vocab] tensors alive at once: the logits and their gradient
 # Tensors a decoder layer keeps per token for its backward, in the compute dtype: hidden-width ones (norm inputs
 # and outputs, q/k/v, attention output, residuals; RMSNorm's float32 copies counted twice) and MLP-width ones
 # (gate, up, activation, product, down input).
@@ -156,7 +157,7 @@ def plan(shape: Shape, *, load_in_4bit: bool, dtype: str, lora_r: int, generatio
         activations = tokens * shape.layers * per_token_layer
     chunk = min(LOGITS_CHUNK_TOKENS, micro_batch_size * max_new_tokens)
     logits = chunk * shape.vocab * (4 * LOGITS_CHUNK_COPIES + size)
-    mask = micro_batch_size * (prompt + max_new_tokens) ** 2 * size      # the padded batch's 4D attention mask
+    mask = tokens ** 2 * size         # the packed row's [positions, positions] attention bias (azr.TokenTree)
     return Plan(weights=weights, lora=lora, generation=generation, update=activations + logits + mask,
                 prompt_tokens=prompt, response_tokens=max_new_tokens)
 

@@ -5,8 +5,9 @@ rollouts and advantages), then updates the same LoRA weights from the same rollo
 
 - previous: every micro-batch left-padded prompts + right-padded responses through the whole model, the LM head on
   the padded response columns at once, gradient checkpointing on (the CPU default until this change);
-- current: `azr.policy_update`: shared prompt prefixes run once, right padding only, the LM head chunked over the
-  response positions, no gradient checkpointing.
+- current: `azr.policy_update`: each micro-batch is one packed row, the trie of its token sequences (a prefix
+  several share runs once, nothing is padded), the LM head chunked over the response positions, no gradient
+  checkpointing.
 
 It prints seconds per trained (response) token for each and their ratio, then a profile of one current update by
 pass (old log-probs, forward + backward, optimizer) and by operator group.
@@ -145,7 +146,7 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state:
     try:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            azr.policy_update(policy, optimizer, samples, cfg, pad_id, azr.Timer(), random.Random(0))
+            azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
             total = time.perf_counter() - start
     finally:
         azr.token_logps = original_logps
@@ -206,7 +207,7 @@ def main() -> None:
             if path == "previous":
                 previous_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, random.Random(0))
             else:
-                azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+                azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(),
                                   random.Random(0))
             seconds = time.perf_counter() - start
             totals[path] += seconds

@@ -190,8 +190,7 @@ def run_phases(policy, tokenizer, cfg: Config, plan: memory.Plan, device: str, m
                            advantage=(-1.0) ** i) for i, p in enumerate(prompts[:cfg.micro_batch_size])]
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     timer = azr.Timer()
-    _, seconds, peak = measured(device, azr.policy_update, policy, optimizer, samples, cfg,
-                                tokenizer.pad_token_id, timer, random.Random(0))
+    _, seconds, peak = measured(device, azr.policy_update, policy, optimizer, samples, cfg, timer, random.Random(0))
     rows.append((f"update ({cfg.micro_batch_size} x {plan.prompt_tokens + cap} tokens, one step)", seconds, peak,
                  plan.update_peak))
     print(f"\n{'phase':<56} {'seconds':>8} {'peak GiB':>9} {'plan GiB':>9}")

@@ -52,7 +52,7 @@ def update(model_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     # element up to a whole lr-sized step, and would hide a gradient scaled by a wrong token count)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
     cfg = Config(micro_batch_size=2, ppo_epochs=2, entropy_coef=0.01, kl_coef=0.1)
-    stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer(),
+    stats = azr.policy_update(policy, optimizer, fixed_batch(len(tokenizer)), cfg, azr.Timer(),
                               random.Random(0))
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, stats
 

@@ -155,7 +155,7 @@ def update_setup(model_dir: Path, dtype: str = "fp32", gradient_checkpointing: b
 
 def logp_sum(policy, tokenizer, sample: azr.Rollout) -> float:
     with torch.no_grad():
-        logp, _ = azr.token_logps(policy, [sample], tokenizer.pad_token_id, 1.0)
+        logp, _ = azr.token_logps(policy, [sample], 1.0)
     return float(logp.sum())
 
 
@@ -166,7 +166,7 @@ def test_update_raises_positive_and_lowers_negative_advantage(tiny_model_dir):
     samples = [roll("deduction", "solve", 1.0, prompt, good), roll("deduction", "solve", -1.0, prompt, bad)]
     azr.task_relative_advantages(samples)
     before = [logp_sum(policy, tokenizer, s) for s in samples]
-    stats = azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+    stats = azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(),
                                  random.Random(0))
     after = [logp_sum(policy, tokenizer, s) for s in samples]
     assert stats["steps"] == 1 and stats["clip_fraction"] == 0      # first step: ratio 1, nothing clipped
@@ -188,7 +188,7 @@ def test_update_on_a_bf16_base_runs_the_adapter_in_bf16(tiny_model_dir):
     azr.task_relative_advantages(samples)
     before = [logp_sum(policy, tokenizer, s) for s in samples]
     seen.clear()
-    azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(), random.Random(0))
+    azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
     assert seen == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
     after = [logp_sum(policy, tokenizer, s) for s in samples]
@@ -216,7 +216,7 @@ def test_mini_batches_take_one_step_each(tiny_model_dir):
                                                                          micro_batch_size=2)
     samples = [roll("deduction", "solve", r, prompt, good if r > 0 else bad) for r in (1, -1, 1, -1, 1, -1)]
     azr.task_relative_advantages(samples)
-    stats = azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(),
+    stats = azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(),
                                  random.Random(0))
     assert stats["steps"] == 3 and stats["clip_fraction"] > 0     # later mini-batches see a moved ratio
 

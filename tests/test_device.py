@@ -141,6 +141,6 @@ def test_the_update_moves_every_input_to_the_policys_device(tiny_model_dir):
     batch = [azr.Rollout("deduction", "solve", "", [5, 6, 7, 8], [9, 10, 11], "", advantage=1.0),
              azr.Rollout("deduction", "solve", "", [5, 6, 7, 9], [9, 12], "", advantage=-1.0)]
     with _OneDevice():
-        logp, entropy = azr.token_logps(policy, batch, tokenizer.pad_token_id, 1.0, entropy_grad=True)
+        logp, entropy = azr.token_logps(policy, batch, 1.0, entropy_grad=True)
         loss, _ = azr.clipped_policy_loss(logp, logp.detach(), torch.ones_like(logp), 0.2)
     assert logp.device.type == entropy.device.type == loss.device.type == "meta" and logp.shape == (5,)

@@ -1,6 +1,6 @@
 """The TRR++ update computes the gradient of the plain per-sequence forward, in float32, however it batches.
 
-token_logps runs a micro-batch's shared prompt prefix once, right-pads the rest and runs the LM head in chunks;
+token_logps runs a micro-batch as one row, each prefix its sequences share once, and the LM head in chunks;
 these tests hold it to the straightforward computation: each sequence alone through the whole model, log-softmax
 over the full logits.
 """
@@ -69,7 +69,7 @@ def test_the_update_gradient_equals_the_plain_forward_gradient(tiny_model_dir, m
     cfg = Config(mini_batches=1, micro_batch_size=micro_batch_size, temperature=0.7, max_grad_norm=1e9,
                  learning_rate=1e-3)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
-    azr.policy_update(policy, optimizer, samples, cfg, tokenizer.pad_token_id, azr.Timer(), random.Random(0))
+    azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
     got = lora_grads(policy)
     assert expected.abs().max() > 1e-4                                  # a real gradient, not zeros
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
@@ -83,16 +83,19 @@ def test_token_logps_equal_the_plain_forward_and_share_the_prompt_prefix(tiny_mo
     policy.get_base_model().get_input_embeddings().register_forward_hook(
         lambda module, args, out: positions.append(args[0].numel()))
     with torch.no_grad():
-        logp, entropy = azr.token_logps(policy, samples, tokenizer.pad_token_id, 1.0)
+        logp, entropy = azr.token_logps(policy, samples, 1.0)
         expected = torch.cat([reference_logps(policy, s, 1.0) for s in samples])
         logits = torch.cat([policy(input_ids=torch.tensor([s.prompt_ids + s.response_ids])).logits[
             0, len(s.prompt_ids) - 1:-1] for s in samples[:4]])
     torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
     plain_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     torch.testing.assert_close(entropy, plain_entropy, rtol=1e-5, atol=1e-5)
-    # all four start with the same 7 tokens; the last prompt token stays with each sequence
-    longest = max(len(s.prompt_ids) - 6 + len(s.response_ids) for s in samples)
-    assert positions[:2] == [6, 4 * longest]       # the 6 shared tokens once, then the padded rest of each sequence
+    # one row: each distinct prefix of the four sequences once (the first two share 12 tokens, the last two 7),
+    # padded up to a multiple of ALIGN_NODES
+    sequences = [s.prompt_ids + s.response_ids for s in samples]
+    distinct = len({tuple(seq[:k]) for seq in sequences for k in range(1, len(seq) + 1)})
+    assert distinct <= sum(map(len, sequences)) - 12 - 6
+    assert positions[0] == distinct + (-distinct % azr.ALIGN_NODES)
 
 
 def test_the_update_never_holds_a_whole_micro_batch_of_logits(tiny_model_dir, monkeypatch):
@@ -105,6 +108,20 @@ def test_the_update_never_holds_a_whole_micro_batch_of_logits(tiny_model_dir, mo
         lambda module, args, out: rows.append(out.shape[:-1].numel()))
     cfg = Config(mini_batches=2, micro_batch_size=6, learning_rate=1e-3)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    azr.policy_update(policy, optimizer, batch_of_rollouts(len(tokenizer)), cfg, tokenizer.pad_token_id, azr.Timer(),
+    azr.policy_update(policy, optimizer, batch_of_rollouts(len(tokenizer)), cfg, azr.Timer(),
                       random.Random(0))
     assert rows and max(rows) <= 4 and sum(rows) > 37     # 37 response tokens: every one went through the head
+
+
+def test_micro_batches_pack_shared_prefixes_within_the_padded_budget():
+    """A micro-batch holds at most size x the longest sequence's positions, counting a shared prefix once: sequences
+    that share most of their tokens go together, and the budget of `size` padded sequences is never exceeded."""
+    prompt = list(range(100))
+    samples = [azr.Rollout("deduction", "propose", "", prompt, [1000 + k] * 10, "") for k in range(5)]   # 110 each
+    samples += [azr.Rollout("deduction", "solve", "", [7] * 60, [8] * 50, "")]                         # 110, alone
+    batches = azr.micro_batches(samples, list(range(len(samples))), 2)
+    positions = [len({tuple(seq[:k]) for i in b for seq in [samples[i].prompt_ids + samples[i].response_ids]
+                      for k in range(1, len(seq) + 1)}) for b in batches]
+    assert sorted(map(sorted, batches)) == [[0, 1, 2, 3, 4], [5]]      # 100 + 5 x 10 = 150 <= 2 x 110
+    assert max(positions) <= 2 * 110
+    assert len(azr.micro_batches(samples, list(range(len(samples))), 1)) == 6   # each fills 110 alone
