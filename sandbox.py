@@ -332,24 +332,11 @@ def literal_value(text: str):
     return _literal(ast.parse(text.strip(), mode="eval").body)
 
 
-def _canon(v):
-    """Type-tagged hashable form of a literal, for strict comparison."""
-    t = type(v)
-    if t in (list, tuple):
-        return (t.__name__, tuple(_canon(x) for x in v))
-    if t in (set, frozenset):
-        return (t.__name__, frozenset(_canon(x) for x in v))
-    if t is dict:
-        return ("dict", frozenset((_canon(k), _canon(x)) for k, x in v.items()))
-    return (t.__name__, v)
-
-
-def same_output(a: str | None, b: str | None, strict: bool = False, max_chars: int = 100_000) -> bool:
+def same_output(a: str | None, b: str | None, max_chars: int = 100_000) -> bool:
     """Do two repr strings denote the same value? Decided in the parent by parsing (`literal_value`, the
     ast.literal_eval rules plus set()/frozenset()), never eval.
 
-    Both literals: Python equality, as AZR and CRUXEval (`strict=True` also requires identical types, so
-    `1` != `True` != `1.0`); `inf` and `nan` are float literals, and as nan != nan, a value containing nan
+    Both literals: Python equality, as AZR and CRUXEval; `inf` and `nan` are float literals, and as nan != nan, a value containing nan
     equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact string equality.
     """
     if a is None or b is None:
@@ -359,8 +346,7 @@ def same_output(a: str | None, b: str | None, strict: bool = False, max_chars: i
     if len(a) > max_chars or len(b) > max_chars:
         return False
     try:
-        va, vb = literal_value(a), literal_value(b)
-        return _canon(va) == _canon(vb) if strict else bool(va == vb)
+        return bool(literal_value(a) == literal_value(b))
     except Exception:  # not literals, nesting too deep, unhashable set members, ...
         return False
 
@@ -376,10 +362,10 @@ def _is_literal_text(text) -> bool:
         return False
 
 
-def output_matches(result: Result, gold: str, strict: bool = False) -> bool:
+def output_matches(result: Result, gold: str) -> bool:
     """Reward-safe check of a sandbox result against a gold output: ran ok, returned a genuine literal, and
     same_output holds. Use this for outputs of model-written programs (a custom __repr__ can forge text)."""
-    return bool(result.ok and result.literal and same_output(result.output, gold, strict=strict))
+    return bool(result.ok and result.literal and same_output(result.output, gold))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -794,19 +780,13 @@ class _Worker:
             msg = None
         return msg if isinstance(msg, dict) else {"ok": False, "error": "sandbox error: bad reply"}
 
-    def kill(self, grace: float = 0.0) -> None:
+    def kill(self) -> None:
         """Stop the worker: EOF on its stdin makes it kill its children and exit (it watches stdin even
-        mid-job); after `grace` seconds SIGKILL (its children then die by PDEATHSIG)."""
-        import subprocess
+        mid-job); SIGKILL if it still runs (its children then die by PDEATHSIG)."""
         try:
             self.proc.stdin.close()
         except (OSError, ValueError):
             pass
-        if grace > 0:
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
