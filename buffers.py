@@ -33,9 +33,6 @@ class Task:
     message: str = ""          # induction: the proposer's message
     iteration: int = -1        # iteration that created it (-1 = seed)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> Task:
         names = {f.name for f in fields(cls)}
@@ -116,9 +113,6 @@ class TaskBuffer:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def __iter__(self):
-        return iter(self.tasks)
-
     def __contains__(self, task: Task) -> bool:
         return task.key() in self._keys
 
@@ -185,7 +179,7 @@ class Buffers:
         """JSONL: header line, then every task in buffer order."""
         meta = {"task_types": list(self.buffers), "capacity": self.capacity,
                 "evicted": {tt: b.evicted for tt, b in self.buffers.items()}}
-        rows = [{"_meta": meta}] + [t.to_dict() for buf in self.buffers.values() for t in buf.tasks]
+        rows = [{"_meta": meta}] + [asdict(t) for buf in self.buffers.values() for t in buf.tasks]
         Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
     @classmethod

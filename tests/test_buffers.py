@@ -1,6 +1,7 @@
 """Buffers: seeds, dedup, FIFO eviction, sampling, solver batches, JSONL round trip."""
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ def test_round_trip_lossless(tmp_path):
 
 def test_task_dict_round_trip_ignores_unknown_keys():
     t = mk(3)
-    d = t.to_dict()
+    d = asdict(t)
     assert Task.from_dict(d) == t
     assert Task.from_dict({**d, "future_field": 1}) == t
 
