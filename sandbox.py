@@ -332,8 +332,9 @@ def same_output(a: str | None, b: str | None, max_chars: int = 100_000) -> bool:
     """Do two repr strings denote the same value? Decided in the parent by parsing (`literal_value`, the
     ast.literal_eval rules plus set()/frozenset()), never eval.
 
-    Both literals: Python equality, as AZR and CRUXEval; `inf` and `nan` are float literals, and as nan != nan, a value containing nan
-    equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact string equality.
+    Both literals: Python equality, as AZR and CRUXEval; `inf` and `nan` are float literals, and as nan != nan,
+    a value containing nan equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact
+    string equality.
     """
     if a is None or b is None:
         return False
@@ -845,8 +846,8 @@ class Sandbox:
         """timeout: wall-clock seconds per run (each of the `repeats` runs has its own); memory_mb: address-space
         limit; workers: default the CPUs this process may use; max_output_chars: longer reprs give 'output too long';
         max_stdout_chars: captured stdout+stderr kept; max_file_bytes: RLIMIT_FSIZE (stdout and files); screen: run
-        check_program and check_inputs first (False: OS confinement only, for tests); _disable: for tests only, OS features to leave off ('netns', 'landlock', 'seccomp',
-        'nodump').
+        check_program and check_inputs first (False: OS confinement only, for tests); _disable: for tests only, OS
+        features to leave off ('netns', 'landlock', 'seccomp', 'nodump').
 
         Waits for the workers' start-up (about 0.1 s) and warns once (RuntimeWarning) if OS-level isolation is
         degraded here."""
