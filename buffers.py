@@ -9,16 +9,14 @@ Policies (stated, tested):
   the oldest tasks (seeds first, as they are oldest) are evicted to make room. If a single `add` call
   brings more new tasks than the capacity, only its last `capacity` tasks are kept.
 - Save/load: one JSONL file for all task types; first line is a header
-  `{"_meta": {"task_types": [...], "capacity": N}}`, then one task per line in buffer order.
-  Writes go to a temp file in the same folder followed by os.replace (atomic).
+  `{"_meta": {"task_types": [...], "capacity": N}}`, then one task per line in buffer order. It is written
+  inside the checkpoint, which runlog.save_checkpoint builds beside the old one and swaps in atomically.
 """
 from __future__ import annotations
 
 import ast
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,9 +32,6 @@ class Task:
     outputs: list[str] = field(default_factory=list)   # induction: their outputs (repr strings)
     message: str = ""          # induction: the proposer's message
     iteration: int = -1        # iteration that created it (-1 = seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:
@@ -118,9 +113,6 @@ class TaskBuffer:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def __iter__(self):
-        return iter(self.tasks)
-
     def __contains__(self, task: Task) -> bool:
         return task.key() in self._keys
 
@@ -177,57 +169,26 @@ class Buffers:
     def __getitem__(self, task_type: str) -> TaskBuffer:
         return self.buffers[task_type]
 
-    def __contains__(self, task_type: str) -> bool:
-        return task_type in self.buffers
-
     def __iter__(self):
         return iter(self.buffers)
-
-    def keys(self):
-        return self.buffers.keys()
-
-    def items(self):
-        return self.buffers.items()
 
     def sizes(self) -> dict[str, int]:
         return {tt: len(b) for tt, b in self.buffers.items()}
 
     def save(self, path: Path) -> None:
-        """Atomic JSONL write: header line, then every task in buffer order."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                meta = {"task_types": list(self.buffers), "capacity": self.capacity,
-                        "evicted": {tt: b.evicted for tt, b in self.buffers.items()}}
-                fh.write(json.dumps({"_meta": meta}, ensure_ascii=False) + "\n")
-                for buf in self.buffers.values():
-                    for t in buf.tasks:
-                        fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """JSONL: header line, then every task in buffer order."""
+        meta = {"task_types": list(self.buffers), "capacity": self.capacity,
+                "evicted": {tt: b.evicted for tt, b in self.buffers.items()}}
+        rows = [{"_meta": meta}] + [asdict(t) for buf in self.buffers.values() for t in buf.tasks]
+        Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> Buffers:
-        """Inverse of save (a file without header gets task types from its lines and the default capacity)."""
-        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        meta = {}
-        if lines and "_meta" in json.loads(lines[0]):
-            meta = json.loads(lines.pop(0))["_meta"]
-        tasks = [Task.from_dict(json.loads(ln)) for ln in lines]
-        types = meta.get("task_types") or list(dict.fromkeys(t.task_type for t in tasks))
-        out = cls(types, capacity=meta.get("capacity", 10_000))
-        for t in tasks:
-            if t.task_type not in out.buffers:
-                out.buffers[t.task_type] = TaskBuffer(t.task_type, out.capacity)
-            out.buffers[t.task_type].add([t])
-        for tt, n in meta.get("evicted", {}).items():
-            if tt in out.buffers:
-                out.buffers[tt].evicted = n
+        """Inverse of save."""
+        meta, *rows = [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        out = cls(meta["_meta"]["task_types"], capacity=meta["_meta"]["capacity"])
+        for row in rows:
+            out.buffers[row["task_type"]].add([Task.from_dict(row)])
+        for tt, n in meta["_meta"]["evicted"].items():
+            out.buffers[tt].evicted = n
         return out

@@ -273,12 +273,6 @@ def _install_landlock(libc, prep: dict) -> bool:
 # the worker's start-up and the child's confinement
 
 
-def load_libc():
-    """(the ctypes module, the C library with errno)."""
-    import ctypes
-    return ctypes, ctypes.CDLL(None, use_errno=True)
-
-
 def rlimits(cfg: dict) -> list:
     """The children's rlimits as (resource, (soft, hard)); CPU seconds: the timeout rounded up, plus one."""
     import resource
@@ -303,11 +297,6 @@ def unshare_network(libc) -> bool:
     except OSError:
         pass
     return True
-
-
-def _drop_capabilities(libc, prep: dict) -> bool:
-    """In the child: empty every capability set (LINUX_CAPABILITY_VERSION_3 header, all-zero data)."""
-    return libc.capset(prep["cap_hdr"], prep["cap_data"]) == 0
 
 
 def set_not_dumpable(libc) -> bool:
@@ -340,7 +329,8 @@ def prepare_worker(cfg: dict) -> dict:
                   "setrlimit": resource.setrlimit}
     if sys.platform == "linux":
         try:
-            ctypes, libc = load_libc()
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
             caps["libc"] = libc
             caps["netns"] = "netns" not in disable and unshare_network(libc)
             caps["landlock_abi"] = 0 if "landlock" in disable else landlock_abi(ctypes, libc)
@@ -375,7 +365,7 @@ def confine(caps: dict) -> dict:
     if prep is None:                                           # not Linux, or ctypes failed: rlimits only
         return done
     libc = caps["libc"]
-    done["nocaps"] = _drop_capabilities(libc, prep)
+    done["nocaps"] = libc.capset(prep["cap_hdr"], prep["cap_data"]) == 0    # empty every capability set
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     done["landlock"] = "attr" in prep and _install_landlock(libc, prep)
     os.closerange(RW_FD, FIRST_READ_FD + len(prep["read_fds"]))

@@ -37,7 +37,6 @@ from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches,
 
 BENCHMARKS = {"cruxeval-o": "deduction", "cruxeval-i": "abduction", "humaneval": "humaneval"}
 DEFAULT_DATA = Path(__file__).resolve().parent / "data/cruxeval/cruxeval.jsonl"   # shipped in the repo (MIT)
-HUB_DATASET = "cruxeval-org/cruxeval"
 # Modules the HumanEval problems need: canonical solutions import math, re, collections, hashlib (string_to_md5);
 # tests import random, copy, string. They are removed from the sandbox's forbidden list for HumanEval only.
 HUMANEVAL_NEEDS = ("random", "hashlib", "math", "re", "collections", "string", "copy", "typing", "itertools",
@@ -71,26 +70,14 @@ class EvalError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 def load_cruxeval(path: str | Path | None = None) -> list[dict]:
-    """CRUXEval items {id, code, input, output}: from `path`, else the repo's data/cruxeval, else the hub (needs
-    internet)."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise EvalError(f"--data {path} does not exist")
-    elif DEFAULT_DATA.is_file():
-        path = DEFAULT_DATA
-    if path is not None:
-        try:
-            items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except ValueError as e:
-            raise EvalError(f"--data {path} is not JSONL: {e}") from None
-    else:
-        try:
-            import datasets
-            items = [dict(row) for row in datasets.load_dataset(HUB_DATASET, split="test")]
-        except Exception as e:
-            raise EvalError(f"no --data given and the hub dataset {HUB_DATASET} could not be loaded "
-                            f"({type(e).__name__}); pass --data PATH to a JSONL with code/input/output/id") from None
+    """CRUXEval items {id, code, input, output}: from `path`, else the repo's data/cruxeval."""
+    path = Path(path) if path is not None else DEFAULT_DATA
+    if not path.is_file():
+        raise EvalError(f"--data {path} does not exist")
+    try:
+        items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise EvalError(f"--data {path} is not JSONL: {e}") from None
     for i, item in enumerate(items):
         missing = [k for k in ("code", "input", "output") if k not in item]
         if missing:
@@ -275,8 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark (0 = all)")
     p.add_argument("--from-end", action="store_true",
                    help="take the LAST N items instead: the held-out slice azr.py --eval-every --eval-limit N uses")
-    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl in "
-                                  "the repo, else the hub")
+    p.add_argument("--data", help="CRUXEval JSONL (code/input/output/id); default data/cruxeval/cruxeval.jsonl")
     p.add_argument("--output", default="runs/eval_report.json", help="JSON report path")
     p.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="response cap per item")

@@ -10,19 +10,17 @@ import os
 import re
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from default_model import DEFAULT_MODEL, ModelError, cache_root, convert_gguf, default_model_path, sha256_file
+from memory import LORA_TARGETS  # LoRA on every attention and MLP projection (the QLoRA recipe)
 from sandbox import usable_cpus  # the CPUs this process may run on
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-# LoRA on every attention and MLP projection (the QLoRA recipe)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # CPU defaults, chosen by `python bench/bench_model.py` on the 2-core CPU (figures in the README): plain bf16 LoRA
 # with gradient checkpointing was the fastest training step (8x256 tokens: 23.0 s, against 24.3 s for 4-bit
@@ -177,7 +175,6 @@ def load_policy(
     gradient_checkpointing: bool = False,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    target_modules: Sequence[str] = LORA_TARGETS,
 ) -> tuple["PeftModel", "PreTrainedTokenizerBase"]:
     """The trainable policy: base model (optionally 4-bit NF4) + a fresh LoRA adapter; only LoRA trains.
 
@@ -195,9 +192,9 @@ def load_policy(
     prepare_for_training(base, kbit=load_in_4bit and str(device).startswith("cuda"),
                          gradient_checkpointing=gradient_checkpointing)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    targets = [t for t in target_modules if t in present]
+    targets = [t for t in LORA_TARGETS if t in present]
     if not targets:
-        raise ModelError(f"none of the LoRA target modules {list(target_modules)} exist in {path}")
+        raise ModelError(f"none of the LoRA target modules {list(LORA_TARGETS)} exist in {path}")
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
     policy = get_peft_model(base, config)
@@ -219,11 +216,7 @@ def prepare_for_training(base: "PreTrainedModel", kbit: bool, gradient_checkpoin
             if p.dtype == torch.float32 and compute != torch.float32:    # 4-bit packed weights are uint8
                 p.data = p.data.to(compute)
     if gradient_checkpointing:
-        ckpt_kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
 
 

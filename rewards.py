@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import prompts
 from buffers import Task, TaskBuffer, normalize_input
 from prompts import BANNED_WORDS, PROPOSER_PROMPTS, Answer, Proposal, rename_entry
-from sandbox import FORBIDDEN_MODULES, check_program, output_matches, same_output
+from sandbox import check_program, output_matches, same_output
 
 INVALID_PROPOSAL_REWARD = -1.0
 
@@ -280,10 +280,6 @@ class ValidationResult:
         return self.task is not None
 
 
-def _forbidden(sb) -> tuple[str, ...]:
-    return tuple(getattr(sb, "forbidden_modules", FORBIDDEN_MODULES))
-
-
 def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration: int, num_shown: int = 5, *,
                        existing: Iterable[Task] | TaskBuffer = (), strict: bool = False,
                        force_accept: bool = False) -> list[ValidationResult]:
@@ -293,7 +289,7 @@ def validate_proposals(sb, task_type: str, proposals: list[Proposal], iteration:
     spans: list[tuple[int, int, int]] = []   # (proposal index, start, end) into jobs
     jobs: list[tuple[str, str]] = []
     for i, p in enumerate(proposals):
-        bad = p.error or ("no program" if not p.program.strip() else check_program(p.program, _forbidden(sb)))
+        bad = p.error or ("no program" if not p.program.strip() else check_program(p.program, sb.forbidden_modules))
         if bad:
             out[i] = ValidationResult(None, bad, hard=True)
             continue
@@ -328,7 +324,7 @@ def check_answers(sb, tasks: list[Task], answers: list[Answer], num_shown: int =
     for t, a in zip(tasks, answers):
         js = TASK_TYPES[t.task_type].answer_jobs(t, a, num_shown) if a.text.strip() else []
         # solver-written programs (induction) get the static screen before they run
-        if any(prog != t.program and check_program(prog, _forbidden(sb)) for prog, _ in js):
+        if any(prog != t.program and check_program(prog, sb.forbidden_modules) for prog, _ in js):
             spans.append(None)
             continue
         spans.append((len(jobs), len(jobs) + len(js)))

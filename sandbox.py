@@ -128,11 +128,7 @@ def _scope_bindings(body: list[ast.AST]) -> set[str]:
             bound.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
             bound.update(node.names)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
-        elif isinstance(node, ast.MatchAs) and node.name:
-            bound.add(node.name)
-        elif isinstance(node, ast.MatchStar) and node.name:
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
             bound.add(node.name)
         elif isinstance(node, ast.MatchMapping) and node.rest:
             bound.add(node.rest)
@@ -332,25 +328,13 @@ def literal_value(text: str):
     return _literal(ast.parse(text.strip(), mode="eval").body)
 
 
-def _canon(v):
-    """Type-tagged hashable form of a literal, for strict comparison."""
-    t = type(v)
-    if t in (list, tuple):
-        return (t.__name__, tuple(_canon(x) for x in v))
-    if t in (set, frozenset):
-        return (t.__name__, frozenset(_canon(x) for x in v))
-    if t is dict:
-        return ("dict", frozenset((_canon(k), _canon(x)) for k, x in v.items()))
-    return (t.__name__, v)
-
-
-def same_output(a: str | None, b: str | None, strict: bool = False, max_chars: int = 100_000) -> bool:
+def same_output(a: str | None, b: str | None, max_chars: int = 100_000) -> bool:
     """Do two repr strings denote the same value? Decided in the parent by parsing (`literal_value`, the
     ast.literal_eval rules plus set()/frozenset()), never eval.
 
-    Both literals: Python equality, as AZR and CRUXEval (`strict=True` also requires identical types, so
-    `1` != `True` != `1.0`); `inf` and `nan` are float literals, and as nan != nan, a value containing nan
-    equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact string equality.
+    Both literals: Python equality, as AZR and CRUXEval; `inf` and `nan` are float literals, and as nan != nan,
+    a value containing nan equals only its identical text. Otherwise (not literals, e.g. a custom repr): exact
+    string equality.
     """
     if a is None or b is None:
         return False
@@ -359,8 +343,7 @@ def same_output(a: str | None, b: str | None, strict: bool = False, max_chars: i
     if len(a) > max_chars or len(b) > max_chars:
         return False
     try:
-        va, vb = literal_value(a), literal_value(b)
-        return _canon(va) == _canon(vb) if strict else bool(va == vb)
+        return bool(literal_value(a) == literal_value(b))
     except Exception:  # not literals, nesting too deep, unhashable set members, ...
         return False
 
@@ -376,10 +359,10 @@ def _is_literal_text(text) -> bool:
         return False
 
 
-def output_matches(result: Result, gold: str, strict: bool = False) -> bool:
+def output_matches(result: Result, gold: str) -> bool:
     """Reward-safe check of a sandbox result against a gold output: ran ok, returned a genuine literal, and
     same_output holds. Use this for outputs of model-written programs (a custom __repr__ can forge text)."""
-    return bool(result.ok and result.literal and same_output(result.output, gold, strict=strict))
+    return bool(result.ok and result.literal and same_output(result.output, gold))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,14 +479,13 @@ def _kill_group(pid: int) -> None:
 
 class _Child:
     """A pre-forked child as its worker sees it, and what its one run produced."""
-    __slots__ = ("buf", "exited", "job_fd", "out_fd", "pid", "pidfd", "result_fd", "status", "timed_out", "tmpdir")
+    __slots__ = ("buf", "job_fd", "out_fd", "pid", "pidfd", "result_fd", "status", "timed_out", "tmpdir")
 
-    def __init__(self, pid: int, result_fd: int, job_fd: int, out_fd: int, tmpdir: str, pidfd: int | None):
+    def __init__(self, pid: int, result_fd: int, job_fd: int, out_fd: int, tmpdir: str, pidfd: int):
         self.pid, self.result_fd, self.job_fd, self.out_fd, self.tmpdir, self.pidfd = \
             pid, result_fd, job_fd, out_fd, tmpdir, pidfd
         self.buf = b""                    # the result line as read so far
         self.timed_out = False
-        self.exited = False               # reaped while waiting (no pidfd support)
         self.status: int | None = None    # wait status, once reaped
 
 
@@ -562,7 +544,7 @@ class _ForkServer:
         os.dup2(self.devnull, 1)
         self.cfg = cfg
         self.caps = confinement.prepare_worker(cfg)
-        for name in cfg.get("preimport", PREIMPORT):
+        for name in PREIMPORT:
             try:
                 __import__(name)
             except Exception:
@@ -604,8 +586,7 @@ class _ForkServer:
         self.counter += 1
         tmpdir = os.path.join(self.cfg["base_dir"], f"w{self.cfg['index']}-{self.counter}")
         os.mkdir(tmpdir, 0o700)
-        out_fd = os.memfd_create("azr-out", os.MFD_CLOEXEC) if hasattr(os, "memfd_create") else \
-            os.open(tmpdir, os.O_TMPFILE | os.O_RDWR, 0o600)
+        out_fd = os.memfd_create("azr-out", os.MFD_CLOEXEC)
         r, w = os.pipe()           # child -> worker: the result, one JSON line
         jr, jw = os.pipe()         # worker -> child: the job
         tfd = os.open(tmpdir, os.O_PATH | os.O_CLOEXEC)
@@ -620,8 +601,7 @@ class _ForkServer:
         except OSError:
             pass
         self.current_pid = pid
-        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-        return _Child(pid, r, jw, out_fd, tmpdir, pidfd)
+        return _Child(pid, r, jw, out_fd, tmpdir, os.pidfd_open(pid))
 
     def run(self, job: bytes, child: _Child, probe: bool = False) -> dict:
         """Hand the job (one JSON line from the parent, passed on unparsed) to the pre-forked child and
@@ -660,14 +640,7 @@ class _ForkServer:
             if remaining <= 0:
                 child.timed_out = True
                 return
-            watch = ([] if eof else [r]) + ([pidfd] if pidfd is not None else []) + [self.proto_in]
-            if pidfd is None:  # no pidfd support: poll for the child's exit
-                done_pid, status = os.waitpid(child.pid, os.WNOHANG)
-                if done_pid:
-                    child.exited, child.status = True, status
-                    return
-                remaining = min(remaining, 0.005)
-            ready, _, _ = select.select(watch, [], [], remaining)
+            ready, _, _ = select.select(([] if eof else [r]) + [pidfd, self.proto_in], [], [], remaining)
             if self.proto_in in ready:
                 self.exit(child)
             if r in ready:
@@ -676,15 +649,14 @@ class _ForkServer:
                     eof = True
                 elif len(child.buf) < _MAX_REPLY:
                     child.buf += data
-            if pidfd is not None and pidfd in ready:
+            if pidfd in ready:
                 return
 
     def _reap_if_finished(self, child: _Child) -> None:
         """A child that exited by itself is reaped now and the rest of its output read; a killed one (timed out,
         or it is still tearing down after writing its result) is left for cleanup()."""
-        if child.exited or (child.pidfd is not None and b"\n" not in child.buf and not child.timed_out):
-            if not child.exited:
-                child.status = os.waitpid(child.pid, 0)[1]
+        if b"\n" not in child.buf and not child.timed_out:
+            child.status = os.waitpid(child.pid, 0)[1]
             self.current_pid = 0
             os.set_blocking(child.result_fd, False)
             try:
@@ -697,9 +669,8 @@ class _ForkServer:
 
     def _release(self, child: _Child) -> str:
         """Close the child's fds and queue its temp dir for removal; returns its captured output (capped)."""
-        for fd in (child.result_fd, child.pidfd):
-            if fd is not None:
-                os.close(fd)
+        os.close(child.result_fd)
+        os.close(child.pidfd)
         cap = int(self.cfg["max_stdout_chars"])
         stdout = os.pread(child.out_fd, cap * 4, 0).decode("utf-8", "replace")[:cap]
         os.close(child.out_fd)
@@ -806,19 +777,13 @@ class _Worker:
             msg = None
         return msg if isinstance(msg, dict) else {"ok": False, "error": "sandbox error: bad reply"}
 
-    def kill(self, grace: float = 0.0) -> None:
+    def kill(self) -> None:
         """Stop the worker: EOF on its stdin makes it kill its children and exit (it watches stdin even
-        mid-job); after `grace` seconds SIGKILL (its children then die by PDEATHSIG)."""
-        import subprocess
+        mid-job); SIGKILL if it still runs (its children then die by PDEATHSIG)."""
         try:
             self.proc.stdin.close()
         except (OSError, ValueError):
             pass
-        if grace > 0:
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -853,11 +818,10 @@ def _shutdown(workers: list, base_dir: str, owner: int) -> None:
 
 class _JobState:
     """One job's runs within a run_many call (the parent compares them; the children are not trusted)."""
-    __slots__ = ("next_rep", "running", "done", "first", "seconds", "used")
+    __slots__ = ("next_rep", "done", "first", "seconds", "used")
 
     def __init__(self) -> None:
         self.next_rep = 0                   # runs dispatched so far
-        self.running = 0
         self.done = 0                       # runs finished ok with the same (output, literal) as `first`
         self.first: Result | None = None
         self.seconds = 0.0
@@ -878,13 +842,12 @@ class Sandbox:
     def __init__(self, timeout: float = 5.0, memory_mb: int = 1024, workers: int | None = None,
                  forbidden_modules=FORBIDDEN_MODULES, forbidden_calls=FORBIDDEN_CALLS, max_output_chars: int = 400,
                  max_stdout_chars: int = 4000, max_file_bytes: int = 1 << 20, screen: bool = True,
-                 preimport: tuple[str, ...] = PREIMPORT, _disable: tuple[str, ...] = ()):
+                 _disable: tuple[str, ...] = ()):
         """timeout: wall-clock seconds per run (each of the `repeats` runs has its own); memory_mb: address-space
         limit; workers: default the CPUs this process may use; max_output_chars: longer reprs give 'output too long';
         max_stdout_chars: captured stdout+stderr kept; max_file_bytes: RLIMIT_FSIZE (stdout and files); screen: run
-        check_program and check_inputs first (False: OS confinement only, for tests); preimport: modules each
-        worker loads once; _disable: for tests only, OS features to leave off ('netns', 'landlock', 'seccomp',
-        'nodump').
+        check_program and check_inputs first (False: OS confinement only, for tests); _disable: for tests only, OS
+        features to leave off ('netns', 'landlock', 'seccomp', 'nodump').
 
         Waits for the workers' start-up (about 0.1 s) and warns once (RuntimeWarning) if OS-level isolation is
         degraded here."""
@@ -902,8 +865,7 @@ class Sandbox:
         read_dirs = sorted({paths["stdlib"], paths["platstdlib"], os.path.dirname(os.__file__)})
         self.cfg = {"timeout": self.timeout, "memory_mb": self.memory_mb, "max_output_chars": max_output_chars,
                     "max_stdout_chars": max_stdout_chars, "max_file_bytes": max_file_bytes,
-                    "base_dir": self.base_dir, "read_dirs": read_dirs, "preimport": list(preimport),
-                    "disable": list(_disable)}
+                    "base_dir": self.base_dir, "read_dirs": read_dirs, "disable": list(_disable)}
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self.base_dir, os.getpid())
         self._next_index = 0
@@ -1027,7 +989,6 @@ class Sandbox:
             program, inputs = jobs[i]
             if w.send({"program": program, "inputs": inputs}):
                 st.next_rep += 1
-                st.running += 1
                 st.used[w.index] = st.used.get(w.index, 0) + 1
                 w.job, w.deadline = i, now + self.timeout + grace
             else:
@@ -1058,7 +1019,6 @@ class Sandbox:
         st = active.get(i)
         if st is None:                             # the job was already decided (a run failed or differed)
             return
-        st.running -= 1
         ok, output, error = msg.get("ok") is True, msg.get("output"), msg.get("error")
         stdout, seconds = msg.get("stdout", ""), msg.get("seconds", 0.0)
         stdout = stdout if type(stdout) is str else ""

@@ -26,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat 
 import azr  # noqa: E402
 import model as models  # noqa: E402
 from buffers import Buffers  # noqa: E402
-from config import Config  # noqa: E402
+from config import SEED_FILES, Config  # noqa: E402
 from rewards import BUILTIN_TASK_TYPES, seed_task  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
-SEED_FILES = ["data/azr-seeds/3b_coder_seed_io.jsonl", "data/azr-seeds/3b_coder_code_f_seed_io.jsonl"]
 DEFAULT_CELLS = ["r1:1.0:1.0:identity", "r1:1.0:1.0:identity:compact", "r1:0.6:0.95:identity:compact",
                  "chat:1.0:1.0:identity:compact"]
 
@@ -39,8 +38,7 @@ def reference_buffers(source: str, sb: Sandbox) -> Buffers:
     """The identity seed only, or the shipped official seed tasks, loaded as the loop's --seed-file loads them."""
     buffers = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
     if source == "seed-file":
-        repo = Path(__file__).resolve().parents[1]
-        azr.load_seed_files(sb, buffers, Config(seed_file=[str(repo / p) for p in SEED_FILES]))
+        azr.load_seed_files(sb, buffers, Config(seed_file=list(SEED_FILES)))
     return buffers
 
 

@@ -87,11 +87,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers",
-                            "slow: uses the real default model (minutes on CPU); deselect with -m 'not slow'")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A random tiny model writes gibberish, so no proposal would ever be valid and the buffers could not grow.
 # formatted_tiny_dir first teaches the tiny model the answer format with a few seconds of supervised

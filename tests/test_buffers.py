@@ -1,6 +1,7 @@
 """Buffers: seeds, dedup, FIFO eviction, sampling, solver batches, JSONL round trip."""
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -94,16 +95,15 @@ def test_solver_batch_new_first_then_top_up():
     assert TaskBuffer("deduction").solver_batch([], 4, rng) == []
 
 
-def test_round_trip_lossless_and_atomic(tmp_path):
+def test_round_trip_lossless(tmp_path):
     b = Buffers(BUILTIN_TASK_TYPES, capacity=50, seed=seed_task)
     b["deduction"].add([mk(i) for i in range(5)])
     weird = Task("induction", "def f(s):\n    return s[::-1]  # ünïcode ✓\n", inputs=["'a\\nb'", "'é'", '"\\"q\\""'],
                  outputs=["'b\\na'", "'é'", "'\"q\"'"], message="reverse\ttabs\nnewline", iteration=7)
     b["induction"].add([weird])
     b["abduction"].evicted = 3
-    path = tmp_path / "sub" / "buffers.jsonl"
+    path = tmp_path / "buffers.jsonl"
     b.save(path)
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     lines = path.read_text(encoding="utf-8").splitlines()
     assert "_meta" in json.loads(lines[0]) and len(lines) == 1 + sum(b.sizes().values())
     c = Buffers.load(path)
@@ -114,25 +114,9 @@ def test_round_trip_lossless_and_atomic(tmp_path):
     assert Buffers.load(path)["induction"].tasks[-1] == weird
 
 
-def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "b.jsonl"
-    Buffers(BUILTIN_TASK_TYPES, seed=seed_task).save(path)
-    before = path.read_text()
-    b = Buffers(BUILTIN_TASK_TYPES, seed=seed_task)
-    b["deduction"].add([mk(1)])
-    import buffers as mod
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(mod.os, "replace", boom)
-    with pytest.raises(OSError):
-        b.save(path)
-    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["b.jsonl"]
-
-
 def test_task_dict_round_trip_ignores_unknown_keys():
     t = mk(3)
-    d = t.to_dict()
+    d = asdict(t)
     assert Task.from_dict(d) == t
     assert Task.from_dict({**d, "future_field": 1}) == t
 

@@ -319,9 +319,7 @@ def test_same_output_cases():
     assert same_output("[1, 2]", "[1,2]")
     assert same_output("{'a': 1, 'b': 2}", "{'b': 2, 'a': 1}")
     assert same_output("{'x', 'y'}", "{'y', 'x'}")
-    assert same_output("1", "1.0") and not same_output("1", "1.0", strict=True)
-    assert same_output("True", "1") and not same_output("True", "1", strict=True)
-    assert same_output("(1, [True])", "(1, [True])", strict=True)
+    assert same_output("1", "1.0") and same_output("True", "1")     # Python equality, as AZR and CRUXEval
     assert not same_output("(1, 2)", "[1, 2]")
     assert not same_output("'1'", "1")
     assert same_output("nan", "nan") and not same_output("nan", "inf")
