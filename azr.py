@@ -382,25 +382,36 @@ def task_relative_advantages(samples: list[Rollout]) -> None:
             s.advantage = a
 
 
-def token_logps(policy, batch: list[Rollout], temperature: float,
-                entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability and entropy of every response token of `batch` under the policy, flat, sequence by sequence.
+def response_hidden(policy, batch: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state at every position that predicts a response token of `batch`, and that token, flat,
+    sequence by sequence.
 
     The batch runs as one packed row, the trie of its token sequences (TokenTree): a prefix several sequences share
     (a prompt's instructions, a reference task, a whole prompt) is computed once, nothing is padded, and gradients
-    reach the shared positions from every sequence that reads them, as in a forward per sequence. The LM head runs
-    only on the positions that predict a response token, LOGITS_CHUNK_TOKENS at a time."""
+    reach the shared positions from every sequence that reads them, as in a forward per sequence."""
     causal_lm = policy.get_base_model()
-    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    device, dtype = head.weight.device, head.weight.dtype
+    decoder, device = causal_lm.get_decoder(), causal_lm.get_output_embeddings().weight.device
     tree = TokenTree([s.prompt_ids + s.response_ids for s in batch])
+    bias = tree.attention_bias(causal_lm.get_output_embeddings().weight.dtype)
     with models.lora_autocast(policy):                  # bf16 adapter matmuls on a bf16 base
         hidden = decoder(input_ids=tree.ids[None].to(device), position_ids=tree.depth[None].to(device),
-                         attention_mask=tree.attention_bias(dtype)[None, None].to(device)).last_hidden_state[0]
-        # a response token is predicted from the position before it: the last prompt token, then the response
-        rows = torch.cat([path[len(s.prompt_ids) - 1:-1] for s, path in zip(batch, tree.paths)]).to(device)
-        targets = torch.cat([torch.tensor(s.response_ids) for s in batch]).to(device)
-        return head_logps(head, hidden[rows], targets, temperature, entropy_grad)
+                         attention_mask=bias[None, None].to(device)).last_hidden_state[0]
+    # a response token is predicted from the position before it: the last prompt token, then the response
+    rows = torch.cat([path[len(s.prompt_ids) - 1:-1] for s, path in zip(batch, tree.paths)]).to(device)
+    return hidden[rows], torch.cat([torch.tensor(s.response_ids) for s in batch]).to(device)
+
+
+def token_logps(policy, batch: list[Rollout], temperature: float,
+                entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability and entropy of every response token of `batch` under the policy, flat, sequence by sequence
+    (response_hidden, then the LM head LOGITS_CHUNK_TOKENS positions at a time). Under autograd every chunk's
+    logits stay alive: the update's backward goes through micro_batch_backward instead."""
+    hidden, targets = response_hidden(policy, batch)
+    head = policy.get_base_model().get_output_embeddings()
+    with models.lora_autocast(policy):
+        outputs = [chunk_logps(head, h, t, temperature, entropy_grad)
+                   for h, t in zip(hidden.split(LOGITS_CHUNK_TOKENS), targets.split(LOGITS_CHUNK_TOKENS))]
+    return torch.cat([logp for logp, _ in outputs]), torch.cat([entropy for _, entropy in outputs])
 
 
 ALIGN_NODES = 16         # a packed row's node count is a multiple of this (see TokenTree)
@@ -441,18 +452,6 @@ class TokenTree:
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     """Length of the longest prefix two sequences share."""
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-               entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """LM head, log-softmax and entropy over LOGITS_CHUNK_TOKENS positions at a time. With several chunks each is
-    recomputed in the backward, so one chunk's [tokens, vocab] float32 logits are alive at any time."""
-    chunks = list(zip(hidden.split(LOGITS_CHUNK_TOKENS), targets.split(LOGITS_CHUNK_TOKENS)))
-    recompute = len(chunks) > 1 and torch.is_grad_enabled()
-    outputs = [torch.utils.checkpoint.checkpoint(chunk_logps, head, h, t, temperature, entropy_grad,
-                                                 use_reentrant=False) if recompute
-               else chunk_logps(head, h, t, temperature, entropy_grad) for h, t in chunks]
-    return torch.cat([logp for logp, _ in outputs]), torch.cat([entropy for _, entropy in outputs])
 
 
 def chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -496,35 +495,17 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer:
             logp, _ = token_logps(policy, [samples[i] for i in chunk], cfg.temperature)
             old_logps.update(zip(chunk, logp.split([len(samples[i].response_ids) for i in chunk])))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    names = ["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else [])
-    stats = dict.fromkeys(names, 0.0)
+    stats = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
     grad_norm, steps = 0.0, 0
     for _ in range(cfg.ppo_epochs):
         for mini_batch in mini_batches:
             optimizer.zero_grad(set_to_none=True)
             tokens = sum(len(samples[i].response_ids) for i in mini_batch)
             for idx in micro_batches(samples, mini_batch, cfg.micro_batch_size):
-                batch = [samples[i] for i in idx]
-                lengths = [len(s.response_ids) for s in batch]
                 with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
-                    logp, entropy = token_logps(policy, batch, cfg.temperature, cfg.entropy_coef > 0)
-                    old = torch.cat([old_logps.setdefault(i, part.detach())
-                                     for i, part in zip(idx, logp.split(lengths))])
-                    advantages = torch.tensor([s.advantage for s in batch for _ in range(len(s.response_ids))],
-                                              device=logp.device)
-                    loss, ratio = clipped_policy_loss(logp, old, advantages, cfg.clip_ratio)
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * entropy
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), policy.disable_adapter():
-                            ref_logp, _ = token_logps(policy, batch, cfg.temperature)
-                        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-                        loss = loss + cfg.kl_coef * kl
-                        stats["kl"] += float(kl.detach().sum()) / tokens
-                    (loss.sum() / tokens).backward()
-                stats["loss"] += float(loss.detach().sum()) / tokens
-                stats["entropy"] += float(entropy.detach().sum()) / tokens
-                stats["clip_fraction"] += float(((ratio - 1).abs() > cfg.clip_ratio).sum()) / tokens
+                    sums = micro_batch_backward(policy, [samples[i] for i in idx], idx, old_logps, tokens, cfg)
+                for name, value in sums.items():
+                    stats[name] += float(value) / tokens
             with timer("update"):
                 sum_grads(trainable)
                 grad_norm += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
@@ -533,6 +514,45 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer:
     summed = reduce(torch.tensor(list(stats.values()), dtype=torch.float64, device=trainable[0].device),
                     reduction="sum").tolist()                                   # per-process token sums
     return {**{k: v / steps for k, v in zip(stats, summed)}, "grad_norm": grad_norm / steps, "steps": steps}
+
+
+def micro_batch_backward(policy, batch: list[Rollout], idx: list[int], old_logps: dict[int, torch.Tensor],
+                         tokens: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Forward and backward of one micro-batch's share of the mini-batch loss (summed over tokens, divided by the
+    mini-batch's `tokens`); returns the summed statistics. The decoder runs once; the LM head runs
+    LOGITS_CHUNK_TOKENS positions at a time, each chunk's loss backpropagated to the hidden states at once, so one
+    chunk's float32 logits exist at a time and nothing is recomputed; then the decoder's backward. Sequences
+    without old log-probs (the first mini-batch) take this forward's, and keep them for later epochs."""
+    head = policy.get_base_model().get_output_embeddings()
+    hidden, targets = response_hidden(policy, batch)
+    leaf = hidden.detach().requires_grad_()
+    advantages = torch.tensor([s.advantage for s in batch for _ in s.response_ids], device=hidden.device)
+    old = torch.cat([old_logps[i] for i in idx]) if idx[0] in old_logps else None
+    if cfg.kl_coef > 0:
+        with torch.no_grad(), policy.disable_adapter():
+            reference, _ = token_logps(policy, batch, cfg.temperature)
+    sums = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
+    logps = []
+    for rows in torch.arange(len(targets), device=hidden.device).split(LOGITS_CHUNK_TOKENS):
+        with models.lora_autocast(policy):
+            logp, entropy = chunk_logps(head, leaf[rows], targets[rows], cfg.temperature, cfg.entropy_coef > 0)
+        loss, ratio = clipped_policy_loss(logp, logp.detach() if old is None else old[rows], advantages[rows],
+                                          cfg.clip_ratio)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * entropy
+        if cfg.kl_coef > 0:
+            kl = torch.exp(reference[rows] - logp) - (reference[rows] - logp) - 1
+            loss = loss + cfg.kl_coef * kl
+            sums["kl"] += kl.detach().sum()
+        (loss.sum() / tokens).backward()
+        sums["loss"] += loss.detach().sum()
+        sums["entropy"] += entropy.detach().sum()
+        sums["clip_fraction"] += ((ratio - 1).abs() > cfg.clip_ratio).sum()
+        logps.append(logp.detach())
+    hidden.backward(leaf.grad)
+    if old is None:
+        old_logps.update(zip(idx, torch.cat(logps).split([len(s.response_ids) for s in batch])))
+    return sums
 
 
 def sum_grads(params: list[torch.Tensor]) -> None:

@@ -9,7 +9,7 @@ gradients and AdamW states) and the larger of its two phases' working sets:
   update      one micro-batch, a packed row of at most micro_batch_size x (prompt + response) positions
               (azr.micro_batches): the activations kept for the backward (one hidden state per layer with
               gradient checkpointing, every layer's tensors without), the row's [positions, positions] attention
-              bias, and the LM head's float32 logits, LOGITS_CHUNK_TOKENS positions at a time (azr.head_logps)
+              bias, and the LM head's float32 logits, LOGITS_CHUNK_TOKENS positions at a time (azr.micro_batch_backward)
 
 plus the CUDA context and the allocator's fragmentation. The constants below are estimates from the shapes; no
 GPU has measured them yet (bench/gpu_check.py prints the measured peaks beside these).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 2**30
-LOGITS_CHUNK_TOKENS = 1024       # response positions whose float32 logits exist at once in the update (azr.py)
+LOGITS_CHUNK_TOKENS = 256        # response positions whose float32 logits exist at once in the update (azr.py)
 LOGITS_CHUNK_COPIES = 2          # float32 [chunk, vocab] tensors alive at once: the logits and their gradient
 # Tensors a decoder layer keeps per token for its backward, in the compute dtype: hidden-width ones (norm inputs
 # and outputs, q/k/v, attention output, residuals; RMSNorm's float32 copies counted twice) and MLP-width ones

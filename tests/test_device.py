@@ -135,12 +135,12 @@ class _OneDevice(TorchFunctionMode):
 
 def test_the_update_moves_every_input_to_the_policys_device(tiny_model_dir):
     """On the meta device, a tensor left on the CPU (a missing .to(device)) meets the model's in some call. The
-    prompts share a prefix, so the prefix cache path runs too."""
+    prompts share a prefix, and the forward, the chunked LM head with its backward and the KL pass all run."""
     policy, tokenizer = models.load_policy(str(tiny_model_dir), lora_r=4, lora_alpha=8, device="cpu", dtype="fp32")
     policy.to("meta")
     batch = [azr.Rollout("deduction", "solve", "", [5, 6, 7, 8], [9, 10, 11], "", advantage=1.0),
              azr.Rollout("deduction", "solve", "", [5, 6, 7, 9], [9, 12], "", advantage=-1.0)]
     with _OneDevice():
-        logp, entropy = azr.token_logps(policy, batch, 1.0, entropy_grad=True)
-        loss, _ = azr.clipped_policy_loss(logp, logp.detach(), torch.ones_like(logp), 0.2)
-    assert logp.device.type == entropy.device.type == loss.device.type == "meta" and logp.shape == (5,)
+        old_logps = {}
+        sums = azr.micro_batch_backward(policy, batch, [0, 1], old_logps, 5, Config(entropy_coef=0.01, kl_coef=0.1))
+    assert {v.device.type for v in sums.values()} == {"meta"} and [len(v) for v in old_logps.values()] == [3, 2]

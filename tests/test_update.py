@@ -99,18 +99,22 @@ def test_token_logps_equal_the_plain_forward_and_share_the_prompt_prefix(tiny_mo
 
 
 def test_the_update_never_holds_a_whole_micro_batch_of_logits(tiny_model_dir, monkeypatch):
-    """The LM head sees at most LOGITS_CHUNK_TOKENS positions at a time, in the forward and in its recomputation,
-    so [micro-batch, response, vocab] float32 logits never exist."""
+    """The LM head sees at most LOGITS_CHUNK_TOKENS positions at a time, each chunk's backward runs before the next
+    chunk's forward and nothing is recomputed, so [micro-batch, response, vocab] float32 logits never exist."""
     monkeypatch.setattr(azr, "LOGITS_CHUNK_TOKENS", 4)
     policy, tokenizer = fp32_policy(tiny_model_dir, gradient_checkpointing=False)
-    rows = []
-    policy.get_base_model().get_output_embeddings().register_forward_hook(
-        lambda module, args, out: rows.append(out.shape[:-1].numel()))
-    cfg = Config(mini_batches=2, micro_batch_size=6, learning_rate=1e-3)
+    events = []
+    head = policy.get_base_model().get_output_embeddings()
+    def record(module, args, out):
+        events.append(("forward", out.shape[:-1].numel()))
+        args[0].register_hook(lambda grad: events.append(("backward", 0)))     # the gradient reaching the chunk
+    head.register_forward_hook(record)
+    cfg = Config(mini_batches=1, micro_batch_size=6, learning_rate=1e-3)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    azr.policy_update(policy, optimizer, batch_of_rollouts(len(tokenizer)), cfg, azr.Timer(),
-                      random.Random(0))
-    assert rows and max(rows) <= 4 and sum(rows) > 37     # 37 response tokens: every one went through the head
+    azr.policy_update(policy, optimizer, batch_of_rollouts(len(tokenizer)), cfg, azr.Timer(), random.Random(0))
+    rows = [n for kind, n in events if kind == "forward"]
+    assert max(rows) <= 4 and sum(rows) == 37      # 37 response tokens, each through the head once
+    assert [kind for kind, _ in events] == ["forward", "backward"] * len(rows)
 
 
 def test_micro_batches_pack_shared_prefixes_within_the_padded_budget():
