@@ -10,7 +10,7 @@ rollouts and advantages), then updates the same LoRA weights from the same rollo
   checkpointing.
 
 It prints seconds per trained (response) token for each and their ratio, then a profile of one current update by
-pass (old log-probs, forward + backward, optimizer) and by operator group.
+pass (no-grad old log-probs, decoder forward, LM head with loss and backward, optimizer) and by operator group.
 
     python bench/bench_update.py                 # default model, 1 round per path (about 8 minutes on 2 cores)
     python bench/bench_update.py --rounds 2 --model PATH
@@ -118,7 +118,7 @@ def set_checkpointing(policy, on: bool) -> None:
         causal_lm.activation_checkpointing_disable()
 
 
-def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state: dict) -> None:
+def profile(policy, samples: list[azr.Rollout], cfg: Config, state: dict) -> None:
     """One current update under torch.profiler: seconds by pass and by operator group."""
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
@@ -126,7 +126,7 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state:
     policy.load_state_dict(state, strict=False)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     passes: dict[str, float] = defaultdict(float)
-    original_step, original_logps = optimizer.step, azr.token_logps
+    original_step, original_logps, original_hidden = optimizer.step, azr.token_logps, azr.response_hidden
 
     def timed_step(*args, **kwargs):
         start = time.perf_counter()
@@ -135,22 +135,28 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, pad_id: int, state:
         passes["optimizer step"] += time.perf_counter() - start
         return out
 
-    def timed_logps(*args, **kwargs):
+    def timed_logps(*args, **kwargs):              # only the no-grad old log-probs call it
         start = time.perf_counter()
         out = original_logps(*args, **kwargs)
-        passes["forward (no-grad old log-probs)" if not torch.is_grad_enabled() else "forward"] += \
-            time.perf_counter() - start
+        passes["forward (no-grad old log-probs)"] += time.perf_counter() - start
         return out
 
-    optimizer.step, azr.token_logps = timed_step, timed_logps
+    def timed_hidden(*args, **kwargs):             # the decoder's forward in micro_batch_backward
+        start = time.perf_counter()
+        out = original_hidden(*args, **kwargs)
+        if torch.is_grad_enabled():
+            passes["decoder forward"] += time.perf_counter() - start
+        return out
+
+    optimizer.step, azr.token_logps, azr.response_hidden = timed_step, timed_logps, timed_hidden
     try:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
             total = time.perf_counter() - start
     finally:
-        azr.token_logps = original_logps
-    passes["backward"] = total - sum(passes.values())
+        azr.token_logps, azr.response_hidden = original_logps, original_hidden
+    passes["LM head, loss and backward"] = total - sum(passes.values())
     print(f"\nprofile of one current update ({total:.1f} s under the profiler), by pass:")
     for name, seconds in passes.items():
         print(f"  {name:36s} {seconds:7.1f} s  {100 * seconds / total:5.1f}%")
@@ -224,7 +230,7 @@ def main() -> None:
           f"(bf16 compute, so close to 1 but not exact; the float32 equality is tests/test_update.py)")
     if not args.no_profile:
         set_checkpointing(policy, False)
-        profile(policy, samples, cfg, tokenizer.pad_token_id, state)
+        profile(policy, samples, cfg, state)
 
 
 if __name__ == "__main__":
