@@ -390,15 +390,15 @@ def response_hidden(policy, batch: list[Rollout]) -> tuple[torch.Tensor, torch.T
     (a prompt's instructions, a reference task, a whole prompt) is computed once, nothing is padded, and gradients
     reach the shared positions from every sequence that reads them, as in a forward per sequence."""
     causal_lm = policy.get_base_model()
-    decoder, device = causal_lm.get_decoder(), causal_lm.get_output_embeddings().weight.device
+    weight = causal_lm.get_output_embeddings().weight
     tree = TokenTree([s.prompt_ids + s.response_ids for s in batch])
-    bias = tree.attention_bias(causal_lm.get_output_embeddings().weight.dtype)
     with models.lora_autocast(policy):                  # bf16 adapter matmuls on a bf16 base
-        hidden = decoder(input_ids=tree.ids[None].to(device), position_ids=tree.depth[None].to(device),
-                         attention_mask=bias[None, None].to(device)).last_hidden_state[0]
+        hidden = causal_lm.get_decoder()(
+            input_ids=tree.ids[None].to(weight.device), position_ids=tree.depth[None].to(weight.device),
+            attention_mask=tree.attention_bias(weight.dtype, weight.device)[None, None]).last_hidden_state[0]
     # a response token is predicted from the position before it: the last prompt token, then the response
-    rows = torch.cat([path[len(s.prompt_ids) - 1:-1] for s, path in zip(batch, tree.paths)]).to(device)
-    return hidden[rows], torch.cat([torch.tensor(s.response_ids) for s in batch]).to(device)
+    rows = torch.cat([path[len(s.prompt_ids) - 1:-1] for s, path in zip(batch, tree.paths)]).to(weight.device)
+    return hidden[rows], torch.cat([torch.tensor(s.response_ids) for s in batch]).to(weight.device)
 
 
 def token_logps(policy, batch: list[Rollout], temperature: float,
@@ -440,13 +440,15 @@ class TokenTree:
         padding = -len(ids) % ALIGN_NODES
         self.ids, self.depth = torch.tensor(ids + [0] * padding), torch.tensor(depth + [0] * padding)
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """[nodes, nodes] additive mask: 0 where a node may attend (itself and its ancestors), the dtype's minimum
-        elsewhere. One tensor, which every layer reads."""
-        visible = torch.eye(len(self.ids), dtype=torch.bool)
+    def attention_bias(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """[nodes, nodes] additive mask, built on `device`: 0 where a node may attend (itself and its ancestors),
+        the dtype's minimum elsewhere. One tensor, which every layer reads."""
+        visible = torch.eye(len(self.ids), dtype=torch.bool, device=device)
         for path in self.paths:
-            visible[path[:, None], path[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
-        return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+            path = path.to(device)
+            visible[path[:, None], path[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool,
+                                                                device=device).tril()
+        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -495,7 +497,7 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer:
             logp, _ = token_logps(policy, [samples[i] for i in chunk], cfg.temperature)
             old_logps.update(zip(chunk, logp.split([len(samples[i].response_ids) for i in chunk])))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    stats = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
+    stats = dict.fromkeys(update_stats(cfg), 0.0)
     grad_norm, steps = 0.0, 0
     for _ in range(cfg.ppo_epochs):
         for mini_batch in mini_batches:
@@ -516,6 +518,11 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer:
     return {**{k: v / steps for k, v in zip(stats, summed)}, "grad_norm": grad_norm / steps, "steps": steps}
 
 
+def update_stats(cfg: Config) -> list[str]:
+    """The per-token statistics the update sums, in the same order on every process."""
+    return ["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else [])
+
+
 def micro_batch_backward(policy, batch: list[Rollout], idx: list[int], old_logps: dict[int, torch.Tensor],
                          tokens: int, cfg: Config) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch's share of the mini-batch loss (summed over tokens, divided by the
@@ -531,7 +538,7 @@ def micro_batch_backward(policy, batch: list[Rollout], idx: list[int], old_logps
     if cfg.kl_coef > 0:
         with torch.no_grad(), policy.disable_adapter():
             reference, _ = token_logps(policy, batch, cfg.temperature)
-    sums = dict.fromkeys(["loss", "entropy", "clip_fraction"] + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
+    sums = dict.fromkeys(update_stats(cfg), 0.0)
     logps = []
     for rows in torch.arange(len(targets), device=hidden.device).split(LOGITS_CHUNK_TOKENS):
         with models.lora_autocast(policy):
@@ -567,8 +574,8 @@ def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list
     """This process's share of `indices`, sorted by token sequence (neighbours share the longest prefixes) and cut
     into micro-batches of at most `size` times the longest sequence's positions, counting a prefix that
     token_logps computes once once: the memory of `size` padded sequences, more of them where they share."""
-    mine = shard(sorted(indices, key=lambda i: samples[i].prompt_ids + samples[i].response_ids))
-    sequences = {i: samples[i].prompt_ids + samples[i].response_ids for i in mine}
+    sequences = {i: samples[i].prompt_ids + samples[i].response_ids for i in indices}
+    mine = shard(sorted(indices, key=sequences.__getitem__))
     budget = size * max((len(s) for s in sequences.values()), default=0)
     batches: list[list[int]] = []
     positions, previous = 0, []

@@ -55,8 +55,9 @@ def lora_grads(policy) -> torch.Tensor:
                                                                               (True, 3, 5)])
 def test_the_update_gradient_equals_the_plain_forward_gradient(tiny_model_dir, monkeypatch, gradient_checkpointing,
                                                                micro_batch_size, chunk):
-    """One policy_update step's LoRA gradient equals the gradient of the same loss over the plain path, whether the
-    prompt prefix is shared (no checkpointing) or not, and whether the LM head runs in one chunk or many."""
+    """One policy_update step's LoRA gradient equals the gradient of the same loss over the plain path, with and
+    without gradient checkpointing, whether micro-batches pack many sequences or few, and whether the LM head runs
+    in one chunk or many."""
     monkeypatch.setattr(azr, "LOGITS_CHUNK_TOKENS", chunk)
     policy, tokenizer = fp32_policy(tiny_model_dir, gradient_checkpointing)
     samples = batch_of_rollouts(len(tokenizer))
