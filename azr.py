@@ -721,7 +721,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     counts = dict(zip(cfg.task_types, split_counts(cfg.tasks_per_iteration, weights)))
     reporter = runlog.Reporter(cfg.report_to if state.is_main_process else "none", run_dir, cfg)
     eval_items = load_eval_items(cfg) if cfg.eval_every else []
-    log(f"azr: {cfg.model} on {device} x {state.num_processes} process(es), run dir {run_dir}, "
+    dtype = str(models.as_dtype(cfg.dtype, str(device))).removeprefix("torch.")
+    log(f"azr: {cfg.model} on {device} ({dtype}) x {state.num_processes} process(es), run dir {run_dir}, "
         f"iterations {start + 1}..{cfg.num_iterations}, proposals per iteration {counts}")
 
     workers = max(1, models.usable_cpus() // local_processes)

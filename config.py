@@ -31,7 +31,7 @@ class Config:
     # model
     model: str = option(models.DEFAULT_MODEL, "hub id, HF folder or .gguf (paper: Qwen2.5-Coder-3B/7B/14B)")
     load_in_4bit: bool = option(False, "4-bit NF4 base weights, QLoRA (paper: full fine-tuning)")
-    dtype: str = option("auto", "compute dtype: auto (native bf16, else fp16; CPU bf16), bf16, fp16, fp32")
+    dtype: str = option("auto", "auto|bf16|fp16|fp32 (auto: bf16 where GPU or CPU has it natively, else fp16 or fp32)")
     lora_r: int = option(16, "LoRA rank (paper: full fine-tuning)")
     lora_alpha: int = option(32, "LoRA alpha")
     gradient_checkpointing: bool = option(True, "recompute activations in the backward to save memory")
@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(num_iterations=5, tasks_per_iteration=12, num_references=2, learnability_samples=4,
                      learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384,
                      max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4,
-                     generation_batch_size=32, micro_batch_size=2, mini_batches=2,
+                     generation_batch_size=32, micro_batch_size=1, mini_batches=2,
                      gradient_checkpointing=False, output_dir="runs/cpu-demo"),
     # One CUDA GPU: python azr.py picks the largest whose memory plan (memory.py) fits the card.
     # 4-bit Qwen2.5-Coder with LoRA and bf16 compute, seeded from the official (3B) seed files.

@@ -22,10 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# CPU defaults, chosen by `python bench/bench_model.py` on the 2-core CPU (figures in the README): plain bf16 LoRA
-# with gradient checkpointing was the fastest training step (8x256 tokens: 23.0 s, against 24.3 s for 4-bit
-# NF4 with bf16 compute and 43.1 s for fp32) and bf16 sampled fastest (67.2 tok/s, NF4 65.3, fp32 31.8).
-CPU_DTYPE = torch.bfloat16
+# CPU defaults, from `python bench/bench_model.py` on the 2-core CPUs (README, docs/LOG.md): plain LoRA with no
+# 4-bit (bf16 LoRA 23.0 s a 8x256-token step, 4-bit NF4 24.3 s). The dtype depends on the CPU: on the first
+# benchmark's CPU bf16 was the fastest (training 23.0 s against 43.1 s in fp32; sampling 67.2 tok/s against 31.8);
+# on an AVX2-only CPU, where oneDNN emulates bf16, fp32 was faster (2.2x in 16-row decoding, 6.5x in prefill).
 CPU_LOAD_IN_4BIT = False
 
 
@@ -42,11 +42,20 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")   # --dtype choices
 
 
 def default_dtype(device: str | None = None) -> torch.dtype:
-    """bf16 on a CUDA GPU that computes it natively, else fp16; on CPU the dtype the benchmark found fastest."""
+    """bf16 on a CUDA GPU that computes it natively, else fp16; on a CPU bf16 where native, else fp32."""
     device = device or pick_device()
     if str(device).startswith("cuda"):
         return torch.bfloat16 if native_bf16(device) else torch.float16
-    return CPU_DTYPE
+    return torch.bfloat16 if cpu_native_bf16() else torch.float32
+
+
+def cpu_native_bf16() -> bool:
+    """Does oneDNN run bf16 natively on this CPU (its check: yes from AVX-512 on, no on AVX2-only x86)? Without it
+    bf16 matmuls of 32+ rows ran 3.4-6x slower than fp32 on a 2-core AVX2 CPU (docs/LOG.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a torch build without oneDNN
+        return False
 
 
 def native_bf16(device: str | torch.device = "cuda") -> bool:

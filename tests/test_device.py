@@ -32,8 +32,16 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch, capability, dtype):
     assert azr.plan_dtype(Config(dtype="fp32")) == "fp32"
 
 
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_cpu_auto_dtype_is_bf16_only_where_native(monkeypatch, native, dtype):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert models.cpu_native_bf16() is native
+    assert models.default_dtype("cpu") == dtype == models.as_dtype("auto", "cpu")
+
+
 def test_cpu_dtype_and_flag_values():
-    assert models.default_dtype("cpu") == torch.bfloat16 and models.as_dtype("fp32", "cpu") == torch.float32
+    assert models.default_dtype("cpu") in (torch.bfloat16, torch.float32)
+    assert models.as_dtype("fp32", "cpu") == torch.float32 and models.as_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(azr.ConfigError, match="--dtype"):
         azr.parse_args(["--dtype", "int8"])
 
