@@ -22,10 +22,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# CPU defaults, from `python bench/bench_model.py` on the 2-core CPUs (README, docs/LOG.md): plain LoRA with no
-# 4-bit (bf16 LoRA 23.0 s a 8x256-token step, 4-bit NF4 24.3 s). The dtype depends on the CPU: on the first
-# benchmark's CPU bf16 was the fastest (training 23.0 s against 43.1 s in fp32; sampling 67.2 tok/s against 31.8);
-# on an AVX2-only CPU, where oneDNN emulates bf16, fp32 was faster (2.2x in 16-row decoding, 6.5x in prefill).
+# CPU defaults, from `python bench/bench_model.py` on the 2-core CPUs (README, docs/LOG.md): plain LoRA, no 4-bit
+# (an 8x256-token step took 23.0 s in bf16, 24.3 s on 4-bit NF4). The dtype depends on the CPU (default_dtype): on
+# the first benchmark's CPU bf16 was the fastest (the step 23.0 s against 43.1 s in fp32; sampling 67.2 tok/s
+# against 31.8); on an AVX2-only CPU, where oneDNN emulates bf16, fp32 was faster (2.2x in 16-row decoding, 6.5x
+# in prefill).
 CPU_LOAD_IN_4BIT = False
 
 
