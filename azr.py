@@ -46,7 +46,7 @@ import model as models
 import runlog
 from buffers import Buffers, Task, read_seed_file
 from config import GPU_PRESETS, PRESETS, Config, ConfigError, check_config, flag
-from generation import GenerationStats, generate
+from generation import GenerationStats, generate, use_int8
 from memory import LOGITS_CHUNK_TOKENS  # azr.LOGITS_CHUNK_TOKENS: tests set it
 from prompts import RESPONSE_PREFIX, Proposal, rename_entry, render
 from rewards import (
@@ -266,7 +266,8 @@ def rollouts(policy, tokenizer, jobs: list[tuple[str, str, str]], max_new_tokens
     with timer("generation"):
         generated = gather(generate(policy, tokenizer, shard(prompts), max_new_tokens,
                                     temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-                                    desc=desc if PartialState().is_main_process else None, stats=timer.generation))
+                                    desc=desc if PartialState().is_main_process else None, stats=timer.generation,
+                                    int8=use_int8(cfg.sampling_weights, policy)))
     timer.tokens += sum(len(g.response_ids) for g in generated)
     return [Rollout(t, role, p, g.prompt_ids, g.response_ids, g.text, g.truncated)
             for (t, role, _), p, g in zip(jobs, prompts, generated)]
@@ -504,8 +505,11 @@ def policy_update(policy, optimizer, samples: list[Rollout], cfg: Config, timer:
             optimizer.zero_grad(set_to_none=True)
             tokens = sum(len(samples[i].response_ids) for i in mini_batch)
             for idx in micro_batches(samples, mini_batch, cfg.micro_batch_size):
-                with timer("update"), models.adapter_inputs_uncast(policy):     # forward and backward
-                    sums = micro_batch_backward(policy, [samples[i] for i in idx], idx, old_logps, tokens, cfg)
+                batch = [samples[i] for i in idx]
+                long = 0 < cfg.checkpoint_above_positions < packed_positions(batch)
+                with (timer("update"), models.adapter_inputs_uncast(policy),   # forward and backward
+                      models.activation_checkpointing(policy, long)):
+                    sums = micro_batch_backward(policy, batch, idx, old_logps, tokens, cfg)
                 for name, value in sums.items():
                     stats[name] += float(value) / tokens
             with timer("update"):
@@ -568,6 +572,13 @@ def sum_grads(params: list[torch.Tensor]) -> None:
     flat = reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p).clone()
+
+
+def packed_positions(batch: list[Rollout]) -> int:
+    """Positions of `batch` packed as one row (TokenTree), sequences in sorted order: each adds what it does not
+    share with the one before."""
+    sequences = sorted(s.prompt_ids + s.response_ids for s in batch)
+    return sum(len(b) - common_prefix_length(a, b) for a, b in zip([[]] + sequences, sequences))
 
 
 def micro_batches(samples: list[Rollout], indices: list[int], size: int) -> list[list[int]]:
@@ -706,6 +717,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         cfg.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         load_in_4bit=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing, device=device,
         dtype=cfg.dtype)
+    try:
+        int8 = use_int8(cfg.sampling_weights, policy)
+    except ValueError as e:
+        raise ConfigError(f"--sampling-weights: {e}") from None
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
@@ -722,8 +737,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     reporter = runlog.Reporter(cfg.report_to if state.is_main_process else "none", run_dir, cfg)
     eval_items = load_eval_items(cfg) if cfg.eval_every else []
     dtype = str(models.as_dtype(cfg.dtype, str(device))).removeprefix("torch.")
-    log(f"azr: {cfg.model} on {device} ({dtype}) x {state.num_processes} process(es), run dir {run_dir}, "
-        f"iterations {start + 1}..{cfg.num_iterations}, proposals per iteration {counts}")
+    log(f"azr: {cfg.model} on {device} ({dtype}{', int8 sampling' if int8 else ''}) x {state.num_processes} "
+        f"process(es), run dir {run_dir}, iterations {start + 1}..{cfg.num_iterations}, "
+        f"proposals per iteration {counts}")
 
     workers = max(1, models.usable_cpus() // local_processes)
     with Sandbox(timeout=cfg.sandbox_timeout, memory_mb=cfg.sandbox_memory_mb, workers=workers) as local_sb:
@@ -839,7 +855,8 @@ def evaluate_in_loop(policy, tokenizer, sb: Sandbox, items: list[dict], cfg: Con
     import evaluate
     mine = shard(items)
     accuracy = evaluate.accuracy(policy, tokenizer, sb, mine, "deduction", max_new_tokens=cfg.max_new_tokens_solve,
-                                 batch_size=cfg.generation_batch_size, template=cfg.template)
+                                 batch_size=cfg.generation_batch_size, template=cfg.template,
+                                 int8=use_int8(cfg.sampling_weights, policy))
     correct = torch.tensor([accuracy * len(mine)], dtype=torch.float64, device=PartialState().device)
     return float(reduce(correct, reduction="sum")) / len(items)
 

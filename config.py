@@ -9,6 +9,7 @@ from typing import Any
 
 import model as models
 from buffers import SeedFileError, read_seed_file
+from generation import SAMPLING_WEIGHTS
 from prompts import DEFAULT_TEMPLATE, PROPOSER_PROMPTS, TEMPLATES
 from rewards import BUILTIN_TASK_TYPES, TASK_TYPES
 
@@ -35,6 +36,8 @@ class Config:
     lora_r: int = option(16, "LoRA rank (paper: full fine-tuning)")
     lora_alpha: int = option(32, "LoRA alpha")
     gradient_checkpointing: bool = option(True, "recompute activations in the backward to save memory")
+    checkpoint_above_positions: int = option(0, "without --gradient-checkpointing: recompute them only for update "
+                                                "micro-batches longer than this (0: never)")
     # run
     output_dir: str = option("runs/azr", "run directory: metrics, samples, plot, checkpoint")
     seed: int = option(0, "random seed (python, torch)")
@@ -64,6 +67,8 @@ class Config:
     max_new_tokens_propose: int = option(1024, "response cap of proposer rollouts")
     max_new_tokens_solve: int = option(1024, "response cap of solver rollouts")
     generation_batch_size: int = option(64, "sequences generated together")
+    sampling_weights: str = option("auto", "auto|int8|policy: int8 linear layers for sampling (auto: on a CPU "
+                                           "in fp32, 2-3x faster decode; the update always uses the policy)")
     # update (TRR++)
     learning_rate: float = option(1e-5, "AdamW learning rate (paper: 1e-6, full fine-tuning)")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -93,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384,
                      max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4,
                      generation_batch_size=32, micro_batch_size=1, mini_batches=2,
-                     gradient_checkpointing=False, output_dir="runs/cpu-demo"),
+                     gradient_checkpointing=False, checkpoint_above_positions=1024, output_dir="runs/cpu-demo"),
     # One CUDA GPU: python azr.py picks the largest whose memory plan (memory.py) fits the card.
     # 4-bit Qwen2.5-Coder with LoRA and bf16 compute, seeded from the official (3B) seed files.
     "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, seed_file=list(SEED_FILES),
@@ -132,7 +137,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
     if cfg.induction_inputs < 2:
         raise ConfigError(f"--induction-inputs must be at least 2, got {cfg.induction_inputs}")
-    for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold"):
+    for name in ("num_references", "seed_buffer_size", "eval_every", "eval_limit", "force_accept_threshold",
+                 "checkpoint_above_positions"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}")
     for name in ("temperature", "learning_rate", "sandbox_timeout", "clip_ratio", "max_grad_norm"):
@@ -145,6 +151,9 @@ def check_config(cfg: Config) -> None:
                           f"got {cfg.proposer_prompt}")
     if cfg.dtype not in models.DTYPES:
         raise ConfigError(f"--dtype must be one of {' '.join(models.DTYPES)}, got {cfg.dtype}")
+    if cfg.sampling_weights not in SAMPLING_WEIGHTS:
+        raise ConfigError(f"--sampling-weights must be one of {' '.join(SAMPLING_WEIGHTS)}, "
+                          f"got {cfg.sampling_weights}")
     if cfg.template not in TEMPLATES:
         raise ConfigError(f"--template must be one of {' '.join(TEMPLATES)}, got {cfg.template}")
     for path in cfg.seed_file:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import model as models
 from buffers import Task
-from generation import generate
+from generation import SAMPLING_WEIGHTS, generate, use_int8
 from prompts import DEFAULT_TEMPLATE, RESPONSE_PREFIX, TEMPLATES, render
 from rewards import check_answers, parse_answer, solve_prompt
 from sandbox import FORBIDDEN_CALLS, FORBIDDEN_MODULES, Sandbox, output_matches, same_output
@@ -199,17 +199,17 @@ def humaneval_sandbox(timeout: float = HUMANEVAL_TIMEOUT, **kwargs) -> Sandbox:
 # ----------------------------------------------------------------------------------------------------------
 # Generation (greedy, through the project's one generation function) and the in-loop entry point
 def respond(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-            template: str = DEFAULT_TEMPLATE, progress: bool = False) -> list[str]:
+            template: str = DEFAULT_TEMPLATE, progress: bool = False, int8: bool = False) -> list[str]:
     """Greedy responses to raw task texts, each with the "<think>" the template put before it (the parsers'
-    input, as in training)."""
+    input, as in training). `int8`: int8 sampling weights (generation.use_int8)."""
     rendered = [render(tokenizer, p, template) for p in prompts]
     out = generate(model, tokenizer, rendered, max_new_tokens, temperature=0.0, batch_size=batch_size,
-                   desc="evaluate" if progress else None)
+                   desc="evaluate" if progress else None, int8=int8)
     return [RESPONSE_PREFIX + g.text for g in out]
 
 
 def accuracy(model, tokenizer, sb: Sandbox, items: list[dict], task_type: str, max_new_tokens: int = 512,
-             batch_size: int = 16, template: str = DEFAULT_TEMPLATE) -> float:
+             batch_size: int = 16, template: str = DEFAULT_TEMPLATE, int8: bool = False) -> float:
     """Greedy accuracy on CRUXEval items: task_type 'deduction' = CRUXEval-O, 'abduction' = CRUXEval-I."""
     benchmark = {v: k for k, v in BENCHMARKS.items()}.get(task_type)
     if benchmark is None or benchmark == "humaneval":
@@ -217,17 +217,18 @@ def accuracy(model, tokenizer, sb: Sandbox, items: list[dict], task_type: str, m
     if not items:
         return 0.0
     responses = respond(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens, batch_size,
-                        template)
+                        template, int8=int8)
     rows = score(benchmark, items, responses, sb)
     return sum(r["correct"] for r in rows) / len(rows)
 
 
 def evaluate(model, tokenizer, benchmark: str, items: list[dict], max_new_tokens: int, batch_size: int,
-             lenient: bool = False, timeout: float = 5.0, template: str = DEFAULT_TEMPLATE) -> dict:
+             lenient: bool = False, timeout: float = 5.0, template: str = DEFAULT_TEMPLATE,
+             int8: bool = False) -> dict:
     """Generate and score one benchmark; returns its summary plus the per-item rows."""
     t0 = time.perf_counter()
     responses = respond(model, tokenizer, [build_prompt(benchmark, it) for it in items], max_new_tokens,
-                        batch_size, template, progress=True)
+                        batch_size, template, progress=True, int8=int8)
     seconds_generate = time.perf_counter() - t0
     sb = humaneval_sandbox() if benchmark == "humaneval" else Sandbox(timeout=timeout)
     with sb:
@@ -275,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="4-bit NF4 base (default: as the run that trained --adapter; without --adapter, off)")
     p.add_argument("--dtype", choices=models.DTYPES,
                    help="compute dtype (default: as the run that trained --adapter, else auto)")
+    p.add_argument("--sampling-weights", choices=SAMPLING_WEIGHTS, default="policy",
+                   help="int8: int8 linear layers, a faster CPU estimate (README); default the model's own weights")
     args = p.parse_args(argv)
     unknown = [b for b in args.benchmarks if b not in BENCHMARKS]
     if unknown:
@@ -321,12 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         model, load_in_4bit, dtype = base_settings(args)
         report.update(model=model, settings={**report["settings"], "load_in_4bit": load_in_4bit, "dtype": dtype})
         net, tokenizer = models.load_for_eval(model, args.adapter, dtype=dtype, load_in_4bit=load_in_4bit)
+        try:
+            int8 = use_int8(args.sampling_weights, net)
+        except ValueError as e:
+            raise EvalError(f"--sampling-weights: {e}") from None
+        report["settings"]["sampling_weights"] = "int8" if int8 else "policy"
         out = Path(args.output)
         write_report(out, report)              # fail before generating on an unwritable path
         for benchmark, items in data.items():
             print(f"evaluate: {benchmark} on {len(items)} items...", flush=True)
             r = evaluate(net, tokenizer, benchmark, items, args.max_new_tokens, args.batch_size, args.lenient,
-                         args.timeout, args.template)
+                         args.timeout, args.template, int8)
             report["results"][benchmark] = r
             write_report(out, report)          # after each benchmark, so a long run keeps what it finished
             print(f"evaluate: {benchmark} pass@1 {r['accuracy']:.3f} ({r['correct']}/{r['n']}) "

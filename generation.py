@@ -16,13 +16,17 @@ base dtype); the KV cache grows into reserved room instead of being copied at ev
 a check of the last token, not by transformers' `stop_strings`, which cost about 50 ms per decode step here; and a
 batch decodes DECODE_CHUNK steps at a time, dropping its finished rows (and their KV cache) in between, so the few
 rows that run on to the token cap do not keep paying full-width steps.
+
+On a CPU whose policy computes in fp32 the sampling weights can be int8 (int8_linears): an iteration's prompts
+then sampled 2.3x faster, for a drift from the fp32 policy of 0.009 nats per token (bench/bench_int8.py).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import time
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +39,8 @@ from model import frozen_dtype
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 STOP_STRINGS = ("</answer>",)    # an answer is complete there; a small model would go on writing new turns
 DECODE_CHUNK = 16                # decode steps between drops of finished rows from a batch (bench_generation)
+SAMPLING_WEIGHTS = ("auto", "int8", "policy")   # --sampling-weights choices (use_int8)
+INT8_KEPT = ("down_proj",)       # linear layers int8 sampling leaves as they are (see int8_linears)
 
 
 @dataclass
@@ -166,11 +172,97 @@ def _plain_lora(layer) -> bool:
                     for a in layer.active_adapters))
 
 
+def int8_supported(model) -> bool:
+    """Can int8_linears run this model: on a CPU, not 4-bit, with torch's fbgemm int8 kernels (x86)?"""
+    return (next(model.parameters()).device.type == "cpu" and all(p.is_floating_point() for p in model.parameters())
+            and fbgemm_int8())
+
+
+@functools.cache
+def fbgemm_int8() -> bool:
+    """Does this torch run fbgemm's dynamic int8 linear? (x86 builds do; torch 2.13 marks the quantized-tensor API
+    deprecated, so a later torch may not.)"""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        with int8_engine():
+            Int8Linear(torch.nn.Linear(4, 2))(torch.ones(1, 4))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@contextmanager
+def int8_engine():
+    """torch's quantized engine set to fbgemm, and its deprecation warning for quantized tensors silenced."""
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            yield
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def use_int8(setting: str, model) -> bool:
+    """Sample with int8 linear layers? 'int8': yes (ValueError where int8_linears cannot run); 'policy': no;
+    'auto': where it was measured faster, a base computing in fp32 on a CPU with fbgemm."""
+    if setting not in SAMPLING_WEIGHTS:
+        raise ValueError(f"sampling weights must be one of {' '.join(SAMPLING_WEIGHTS)}, got {setting!r}")
+    if setting == "int8" and not int8_supported(model):
+        raise ValueError("int8 sampling weights need a model on a CPU, not 4-bit, and torch's fbgemm kernels (x86)")
+    base_dtype = frozen_dtype(model) or next(model.parameters()).dtype       # a model with no frozen weights
+    return setting == "int8" or (setting == "auto" and int8_supported(model) and base_dtype == torch.float32)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer's int8 copy for sampling (torch's dynamic quantization, fbgemm kernels): activations quantized
+    per call over the full 8 bits, weights per output row to 7 bits (scale max|w| / 63). fbgemm's AVX2 kernel adds
+    pairs of activation x weight products in 16 bits: with 8-bit weights a pair can overflow, and a random layer's
+    output was 25% off; with 7 bits it cannot (1% off). Computes in float32, returns the input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 63).clamp_min(1e-12).double()
+        q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack(q, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed,
+                                                  reduce_range=False).to(x.dtype)
+
+
+@contextmanager
+def int8_linears(model):
+    """While sampling, every nn.Linear of `model` (merged LoRA layers and the LM head included) runs as an
+    Int8Linear, except INT8_KEPT: the MLP's output projection reads the few huge activations of Qwen-style models,
+    which one 8-bit scale per call cannot hold (the default model's drift from its fp32 self, KL per token: 0.035
+    with it in int8, 0.008 without; docs/LOG.md). The original layers are back afterwards. Needs fbgemm_int8()."""
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    with int8_engine():
+        try:
+            for path, parent in list(model.named_modules()):
+                for name, child in list(parent.named_children()):
+                    parts = f"{path}.{name}".split(".")
+                    if (type(child) is torch.nn.Linear and not set(parts) & set(INT8_KEPT)
+                            and not any(part.startswith("lora_") for part in parts)):   # an unmerged adapter
+                        setattr(parent, name, Int8Linear(child))
+                        swapped.append((parent, name, child))
+            yield
+        finally:
+            for parent, name, child in reversed(swapped):
+                setattr(parent, name, child)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, batch_size: int = 16, desc: str | None = None,
-             stats: GenerationStats | None = None) -> list[Generation]:
-    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs."""
+             stats: GenerationStats | None = None, int8: bool = False) -> list[Generation]:
+    """One response per prompt, in prompt order. temperature 0 = greedy. `stats` accumulates the costs. `int8`:
+    sample with int8 copies of the linear layers (int8_linears; see use_int8)."""
     was_training = model.training
     model.eval()
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
@@ -180,7 +272,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, tempe
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), encoded[i]))   # repeats side by side
     out: list[Generation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=desc is None)
-    with adapters_merged(model):
+    with adapters_merged(model), (int8_linears(model) if int8 else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch_stats = GenerationStats()

@@ -230,6 +230,24 @@ def prepare_for_training(base: "PreTrainedModel", kbit: bool, gradient_checkpoin
         base.enable_input_require_grads()
 
 
+@contextmanager
+def activation_checkpointing(policy, on: bool):
+    """While inside, if `on`, the policy's decoder layers keep only their inputs for the backward and recompute the
+    rest there (non-reentrant checkpointing): a micro-batch's activations shrink to one hidden state per layer, for
+    one more forward. Gradients are the same. A base with checkpointing on already (--gradient-checkpointing) is
+    left as it is."""
+    base = policy.get_base_model()
+    if not on or base.is_activation_checkpointing:
+        yield
+        return
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()          # the hook enabling added; non-reentrant needs none
+
+
 def frozen_dtype(net) -> torch.dtype | None:
     """The dtype of the frozen (base) floating-point weights; 4-bit packed weights are not floating point."""
     return next((p.dtype for p in net.parameters() if not p.requires_grad and p.is_floating_point()), None)

@@ -92,6 +92,7 @@ def test_kill_between_checkpoint_renames_is_recovered(formatted_tiny_dir, tmp_pa
     (["--template", "alpaca"], "--template must be one of r1 chat"),
     (["--proposer-prompt", "form"], "--proposer-prompt must be one of official compact"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--sampling-weights", "int4"], "--sampling-weights must be one of auto int8 policy"),
     (["--seed-file", "/nonexistent/seeds.jsonl"], "cannot read seed file /nonexistent/seeds.jsonl"),
     (["--seed-file", str(Path(__file__))], "line 1: not an AZR seed task"),
     (["--task-types", "deduction", "telepathy"], "--task-types must be distinct values"),
@@ -104,6 +105,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err and err.startswith("azr: error:")
+
+
+def test_int8_sampling_weights_where_they_cannot_run_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import generation
+    monkeypatch.setattr(generation, "fbgemm_int8", lambda: False)       # a torch without fbgemm's int8 kernels
+    code = azr.main(tiny_args(tiny_model_dir, tmp_path / "r", 1) + ["--sampling-weights", "int8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("azr: error: --sampling-weights: int8 sampling weights need")
 
 
 def test_resuming_a_checkpoint_with_an_unknown_option_is_one_line(tmp_path, capsys):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = ["bench_azr.py", "bench_generation.py", "bench_model.py", "bench_proposals.py", "bench_sandbox.py",
-           "bench_update.py", "gpu_check.py"]
+SCRIPTS = ["bench_azr.py", "bench_generation.py", "bench_int8.py", "bench_model.py", "bench_proposals.py",
+           "bench_sandbox.py", "bench_update.py", "bench_update_memory.py", "gpu_check.py"]
 
 
 def test_every_benchmark_is_listed():
@@ -39,6 +39,24 @@ def test_proposal_probe_runs_one_task_type_alone(tiny_model_dir, tmp_path):
     induction = cell["types"]["induction"]
     assert induction["n"] == 2 and len(induction["samples"]) == 2
     assert all("def f(a):\n    return a" in s["prompt"] for s in induction["samples"])   # the identity seed's
+
+
+def test_the_int8_benchmark_prints_drift_speed_and_agreement(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_int8.py"), "--model", str(tiny_model_dir),
+                           "--drift-items", "2", "--max-new-tokens", "8", "--greedy-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("int8: KL per token mean", "bf16: KL per token mean", "ratio int8 / policy", "identical responses"):
+        assert line in proc.stdout
+
+
+def test_the_update_memory_benchmark_compares_two_settings(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_update_memory.py"), "--model", str(tiny_model_dir),
+                           "--prompt", "40", "--response", "8", "--settings", "0", "16"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint above never:" in proc.stdout and "checkpoint above    16:" in proc.stdout
+    assert "ratio: time" in proc.stdout
 
 
 def test_the_gpu_check_runs_at_a_tiny_shape(tmp_path):

@@ -182,3 +182,75 @@ def test_rows_leaving_the_cache_move_up_in_place_and_decoding_goes_on_without_a_
         expected = plain.update(*step)
         assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
     assert layer.spare[0].data_ptr() == buffer and keys.data_ptr() == buffer
+
+
+def test_an_int8_linear_computes_the_float_layer_within_its_rounding():
+    from generation import Int8Linear, int8_engine
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 7, 64)
+    with int8_engine():
+        out = Int8Linear(layer)(x)
+    exact = layer(x).detach()
+    assert out.shape == exact.shape and out.dtype == x.dtype
+    assert (out - exact).norm() / exact.norm() < 0.02                  # 8-bit weights and activations
+    with int8_engine():
+        assert Int8Linear(layer)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_sampling_swaps_every_linear_but_the_mlp_output_and_puts_them_back(tiny_model_dir):
+    """Inside int8_linears every nn.Linear of a merged LoRA policy (and the LM head) is an Int8Linear except the
+    MLP's output projections; the logits stay close to the float model's; afterwards the modules and logits are
+    exactly as before."""
+    import model as models
+    from generation import INT8_KEPT, Int8Linear, adapters_merged, int8_linears
+
+    policy, tokenizer = models.load_policy(str(tiny_model_dir), lora_r=4, lora_alpha=8, load_in_4bit=False,
+                                           device="cpu", dtype=torch.float32)
+    before = {n: type(m) for n, m in policy.named_modules()}
+    ids = torch.tensor([tokenizer("def f(a):\n    return a", add_special_tokens=False)["input_ids"]])
+    policy.eval()
+    with torch.no_grad(), adapters_merged(policy):
+        merged = policy(input_ids=ids).logits
+        with int8_linears(policy):
+            kinds = {n: type(m) for n, m in policy.named_modules()}
+            int8 = policy(input_ids=ids).logits
+        assert torch.equal(policy(input_ids=ids).logits, merged)
+    assert {n: type(m) for n, m in policy.named_modules()} == before
+    swapped = {n for n, k in kinds.items() if k is Int8Linear}
+    linears = {n for n, k in before.items() if k is torch.nn.Linear and "lora_" not in n}
+    assert swapped == {n for n in linears if not set(n.split(".")) & set(INT8_KEPT)}
+    assert "lm_head" in {n.rsplit(".", 1)[-1] for n in swapped}
+    assert any(set(n.split(".")) & set(INT8_KEPT) for n in linears - swapped)
+    assert (int8 - merged).norm() / merged.norm() < 0.05
+
+
+def test_int8_sampling_generates_greedy_text_like_the_float_model(tiny):
+    model, tokenizer = tiny
+    prompts = prompts_mix(tokenizer)
+    a = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=4, int8=True)
+    b = generate(model, tokenizer, prompts, 12, temperature=0.0, batch_size=4, int8=True)
+    assert [g.response_ids for g in a] == [g.response_ids for g in b]
+    assert all(g.response_ids for g in a)
+    assert all(type(m) is not __import__("generation").Int8Linear for m in model.modules())
+
+
+def test_sampling_weights_auto_is_int8_for_a_float32_cpu_model_only(tiny, monkeypatch):
+    import generation
+    from generation import use_int8
+
+    model, _ = tiny
+    assert use_int8("auto", model) is generation.fbgemm_int8()          # x86 torch builds: True
+    assert use_int8("policy", model) is False
+    with pytest.raises(ValueError, match="sampling weights must be one of"):
+        use_int8("int4", model)
+    model.to(torch.bfloat16)
+    try:
+        assert use_int8("auto", model) is False                         # measured only for fp32 bases
+    finally:
+        model.to(torch.float32)
+    monkeypatch.setattr(generation, "fbgemm_int8", lambda: False)       # a torch without the int8 kernels
+    assert use_int8("auto", model) is False
+    with pytest.raises(ValueError, match="fbgemm"):
+        use_int8("int8", model)

@@ -51,13 +51,13 @@ def lora_grads(policy) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("gradient_checkpointing, micro_batch_size, chunk", [(False, 6, 1024), (False, 2, 4),
-                                                                              (True, 3, 5)])
+@pytest.mark.parametrize("gradient_checkpointing, micro_batch_size, chunk, checkpoint_above",
+                         [(False, 6, 1024, 0), (False, 2, 4, 0), (True, 3, 5, 0), (False, 1, 4, 24)])
 def test_the_update_gradient_equals_the_plain_forward_gradient(tiny_model_dir, monkeypatch, gradient_checkpointing,
-                                                               micro_batch_size, chunk):
+                                                               micro_batch_size, chunk, checkpoint_above):
     """One policy_update step's LoRA gradient equals the gradient of the same loss over the plain path, with and
-    without gradient checkpointing, whether micro-batches pack many sequences or few, and whether the LM head runs
-    in one chunk or many."""
+    without gradient checkpointing (for all micro-batches, or only those over checkpoint_above positions), whether
+    micro-batches pack many sequences or few, and whether the LM head runs in one chunk or many."""
     monkeypatch.setattr(azr, "LOGITS_CHUNK_TOKENS", chunk)
     policy, tokenizer = fp32_policy(tiny_model_dir, gradient_checkpointing)
     samples = batch_of_rollouts(len(tokenizer))
@@ -68,12 +68,42 @@ def test_the_update_gradient_equals_the_plain_forward_gradient(tiny_model_dir, m
     expected = lora_grads(policy)
     policy.zero_grad(set_to_none=True)
     cfg = Config(mini_batches=1, micro_batch_size=micro_batch_size, temperature=0.7, max_grad_norm=1e9,
-                 learning_rate=1e-3)
+                 learning_rate=1e-3, checkpoint_above_positions=checkpoint_above)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
     azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
     got = lora_grads(policy)
     assert expected.abs().max() > 1e-4                                  # a real gradient, not zeros
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_only_micro_batches_over_the_position_cap_recompute_their_activations(tiny_model_dir, monkeypatch):
+    """With checkpoint_above_positions the long micro-batches run with activation checkpointing and the short ones
+    without; afterwards the base is as before (no checkpointing, no input-gradient hook)."""
+    policy, tokenizer = fp32_policy(tiny_model_dir, gradient_checkpointing=False)
+    base = policy.get_base_model()
+    seen: list[tuple[int, bool]] = []
+    backward = azr.micro_batch_backward
+
+    def spy(policy, batch, *args):
+        seen.append((azr.packed_positions(batch), base.is_activation_checkpointing))
+        return backward(policy, batch, *args)
+
+    monkeypatch.setattr(azr, "micro_batch_backward", spy)
+    cfg = Config(mini_batches=1, micro_batch_size=1, temperature=0.7, checkpoint_above_positions=24)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    azr.policy_update(policy, optimizer, batch_of_rollouts(len(tokenizer)), cfg, azr.Timer(), random.Random(0))
+    assert {on for _, on in seen} == {True, False}
+    assert all(on == (positions > 24) for positions, on in seen)
+    assert not base.is_activation_checkpointing and not getattr(base, "_require_grads_hooks", None)
+
+
+def test_packed_positions_count_the_token_tree_nodes():
+    samples = batch_of_rollouts(1000)
+    for k in range(1, len(samples) + 1):
+        tree = azr.TokenTree([s.prompt_ids + s.response_ids for s in samples[:k]])
+        assert azr.packed_positions(samples[:k]) == len(torch.cat(tree.paths).unique())   # nodes, not padding
+    assert azr.packed_positions(samples[2:4]) == len(samples[2].prompt_ids) + len(samples[2].response_ids) \
+        + len(samples[3].response_ids)                                                    # identical prompts
 
 
 def test_token_logps_equal_the_plain_forward_and_share_the_prompt_prefix(tiny_model_dir):
