@@ -98,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      learning_rate=5e-5, seed_buffer_size=1, max_new_tokens_propose=384,
                      max_new_tokens_solve=256, proposer_prompt="compact", induction_inputs=4,
                      generation_batch_size=32, micro_batch_size=1, mini_batches=2,
-                     gradient_checkpointing=False, checkpoint_above_positions=1024, output_dir="runs/cpu-demo"),
+                     gradient_checkpointing=False, checkpoint_above_positions=768, output_dir="runs/cpu-demo"),
     # One CUDA GPU: python azr.py picks the largest whose memory plan (memory.py) fits the card.
     # 4-bit Qwen2.5-Coder with LoRA and bf16 compute, seeded from the official (3B) seed files.
     "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B", load_in_4bit=True, seed_file=list(SEED_FILES),

@@ -6,7 +6,7 @@ then one azr.policy_update over --rollouts synthetic rollouts of --prompt + --re
 prompts: no shared prefix), in the preset's micro-batches of 1. It prints each setting's peak RSS and update seconds
 side by side; the LoRA gradients of the two are the same (tests/test_update.py).
 
-    python bench/bench_update_memory.py                          # 2 rollouts of 1,300 + 300 tokens, 0 vs 1,024
+    python bench/bench_update_memory.py                          # 2 rollouts of 1,300 + 300 tokens, 0 vs 768
     python bench/bench_update_memory.py --prompt 2000 --response 384 --model PATH
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=2, help="rollouts in the update")
     ap.add_argument("--prompt", type=int, default=1300, help="prompt tokens per rollout")
     ap.add_argument("--response", type=int, default=300, help="response tokens per rollout")
-    ap.add_argument("--settings", type=int, nargs="+", default=[0, 1024], metavar="N",
+    ap.add_argument("--settings", type=int, nargs="+", default=[0, 768], metavar="N",
                     help="--checkpoint-above-positions values to compare (0: no checkpointing)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
