@@ -886,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
         if launch.plan_only:
             return 0
         train(cfg, resume)
+        processes().wait_for_everyone()    # leave together: tearing gloo down while a peer still works can abort
     except (ConfigError, models.ModelError) as e:
         print(f"azr: error: {e}", file=sys.stderr)
         return 2

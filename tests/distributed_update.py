@@ -66,4 +66,5 @@ if __name__ == "__main__":
         "processes ended with different weights"
     if state.is_main_process:
         torch.save({"weights": weights, "stats": stats, "world": state.num_processes}, out)
+    state.wait_for_everyone()   # leave together: a rank tearing gloo down while its peer still works can abort
     state.destroy_process_group()
