@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 2**30
-LOGITS_CHUNK_TOKENS = 256        # response positions whose float32 logits exist at once in the update (azr.py)
-LOGITS_CHUNK_COPIES = 2          # float32 [chunk, vocab] tensors alive at once: the logits and their gradient
+LOGITS_CHUNK_TOKENS = 128        # response positions whose float32 logits exist at once in the update (azr.py)
+LOGITS_CHUNK_COPIES = 4          # float32 [chunk, vocab] tensors alive at once (measured on CPU: the logits, the
+                                 # softmax and log-softmax backward's temporaries, the gradient)
 # Tensors a decoder layer keeps per token for its backward, in the compute dtype: hidden-width ones (norm inputs
 # and outputs, q/k/v, attention output, residuals; RMSNorm's float32 copies counted twice) and MLP-width ones
 # (gate, up, activation, product, down input).

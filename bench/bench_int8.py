@@ -74,9 +74,10 @@ def main() -> None:
     propose, estimate, solve = prompt_mix(tokenizer, cfg, args.seed)
     print(f"mix: {len(propose)} proposals, {len(estimate)} learnability samples, {len(solve)} solver answers",
           flush=True)
-    totals = {"policy": GenerationStats(), "int8": GenerationStats()}
+    useful = {"policy": 0, "int8": 0}    # useful tokens and wall seconds (quantizing included) per weights
+    wall = {"policy": 0.0, "int8": 0.0}
     for r in range(args.rounds):
-        for name, stats in totals.items():
+        for name in useful:
             torch.manual_seed(args.seed + r)
             kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
                       int8=name == "int8")
@@ -85,17 +86,17 @@ def main() -> None:
             generate(policy, tokenizer, estimate + solve, args.max_new_tokens or cfg.max_new_tokens_solve, stats=one,
                      **kw)
             seconds = time.perf_counter() - t0            # with int8: quantizing the layers, twice
-            stats.add(one)
+            useful[name] += one.useful_tokens
+            wall[name] += seconds
             print(f"round {r + 1} {name:6s} {one.useful_tokens:5d} useful tokens in {seconds:6.1f} s "
                   f"= {one.useful_tokens / seconds:5.1f} tok/s (prefill {one.prefill_seconds:5.1f} s, decode "
                   f"{one.decode_seconds:6.1f} s, the rest quantizing and bookkeeping)", flush=True)
-            stats.decode_seconds += seconds - one.seconds  # count everything in the comparison
-    rate = {k: s.useful_tokens / s.seconds for k, s in totals.items()}
+    rate = {name: useful[name] / wall[name] for name in useful}
     print(f"useful tok/s: policy {rate['policy']:.1f}, int8 {rate['int8']:.1f}; ratio int8 / policy "
           f"{rate['int8'] / rate['policy']:.2f}x")
     greedy = {name: [g.response_ids for g in generate(policy, tokenizer, solve, args.greedy_tokens, temperature=0.0,
                                                       batch_size=cfg.generation_batch_size, int8=name == "int8")]
-              for name in totals}
+              for name in useful}
     same = sum(a == b for a, b in zip(greedy["policy"], greedy["int8"]))
     print(f"greedy check ({args.greedy_tokens} tokens, {len(solve)} solver prompts): identical responses "
           f"{same}/{len(solve)}")
