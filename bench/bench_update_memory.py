@@ -1,7 +1,7 @@
 """bench/bench_update_memory.py — peak memory of the update on long rollouts, with and without checkpointing the
 micro-batches over --checkpoint-above-positions.
 
-Each setting runs in a fresh process (so its peak RSS, VmHWM, is its own): the default model as cpu-demo loads it,
+Each setting runs in a fresh process (so its peak RSS is its own): the default model as cpu-demo loads it,
 then one azr.policy_update over --rollouts synthetic rollouts of --prompt + --response tokens (distinct random
 prompts: no shared prefix), in the preset's micro-batches of 1. It prints each setting's peak RSS and update seconds
 side by side; the LoRA gradients of the two are the same (tests/test_update.py).
@@ -22,13 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules
 
-
-def peak_rss_gib() -> float:
-    """This process's peak resident set (VmHWM), GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+from bench_model import peak_rss_gb  # noqa: E402  (this process's peak RSS, GiB)
 
 
 def one_update(args: argparse.Namespace, checkpoint_above: int) -> dict:
@@ -43,7 +37,7 @@ def one_update(args: argparse.Namespace, checkpoint_above: int) -> dict:
     cfg = Config(**{**PRESETS["cpu-demo"], "checkpoint_above_positions": checkpoint_above, "mini_batches": 1})
     policy, tokenizer = models.load_policy(args.model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                            gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype)
-    loaded = peak_rss_gib()
+    loaded = peak_rss_gb()
     rng = random.Random(0)
     tokens = lambda n: [rng.randrange(len(tokenizer)) for _ in range(n)]             # noqa: E731
     samples = [azr.Rollout("induction", "propose", "", tokens(args.prompt), tokens(args.response), "",
@@ -52,7 +46,7 @@ def one_update(args: argparse.Namespace, checkpoint_above: int) -> dict:
     t0 = time.perf_counter()
     azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
     return {"checkpoint_above": checkpoint_above, "seconds": time.perf_counter() - t0, "loaded_gib": loaded,
-            "peak_gib": peak_rss_gib()}
+            "peak_gib": peak_rss_gb()}
 
 
 def main() -> None:
