@@ -6,13 +6,16 @@ rollouts and advantages), then updates the same LoRA weights from the same rollo
 - previous: every micro-batch left-padded prompts + right-padded responses through the whole model, the LM head on
   the padded response columns at once, gradient checkpointing on (the CPU default until this change);
 - current: `azr.policy_update`: each micro-batch is one packed row, the trie of its token sequences (a prefix
-  several share runs once, nothing is padded), the LM head chunked over the response positions, no gradient
-  checkpointing.
+  several share runs once, nothing is padded), the LM head chunked over the response positions, gradient
+  checkpointing only for micro-batches above cpu-demo's `--checkpoint-above-positions`.
 
-It prints seconds per trained (response) token for each and their ratio, then a profile of one current update by
-pass (no-grad old log-probs, decoder forward, LM head with loss and backward, optimizer) and by operator group.
+It prints seconds per trained (response) token for each and their ratio, then a profile of one current update: by
+pass (no-grad old log-probs, decoder forward, LM head with loss and the whole backward, optimizer); by operator
+group; the positions it computes, prompt against response; the linear layers' arithmetic by part (LM head, MLP,
+attention projections, LoRA), counted from those positions; and the rate that makes of the matmuls' time, against
+one plain matmul on the same machine (how close the update runs to the CPU's arithmetic).
 
-    python bench/bench_update.py                 # default model, 1 round per path (about 8 minutes on 2 cores)
+    python bench/bench_update.py                 # default model, 1 round per path (8-12 minutes on 2 cores)
     python bench/bench_update.py --rounds 2 --model PATH
 """
 from __future__ import annotations
@@ -118,8 +121,65 @@ def set_checkpointing(policy, on: bool) -> None:
         causal_lm.activation_checkpointing_disable()
 
 
+def packed_counts(samples: list[azr.Rollout], cfg: Config, rng: random.Random) -> dict[str, int]:
+    """The positions one current update computes: prompt and response nodes of its packed rows (a node holds a
+    response token of some sequence, or only prompt tokens), those the no-grad pass computes again (mini-batches
+    after the first) and those checkpointing recomputes (micro-batches above --checkpoint-above-positions)."""
+    kept = [s for s in samples if s.response_ids]
+    perm = rng.sample(range(len(kept)), len(kept))
+    size = math.ceil(len(kept) / min(cfg.mini_batches, len(kept)))
+    names = ("prompt nodes", "response nodes", "prompt tokens", "response tokens", "no-grad nodes",
+             "no-grad response nodes", "recomputed nodes")
+    counts = dict.fromkeys(names, 0)
+    for k, mini_batch in enumerate(perm[i:i + size] for i in range(0, len(perm), size)):
+        for idx in azr.micro_batches(kept, mini_batch, cfg.micro_batch_size):
+            batch = [kept[i] for i in idx]
+            tree = azr.TokenTree([s.prompt_ids + s.response_ids for s in batch])
+            response = len({int(n) for s, path in zip(batch, tree.paths) for n in path[len(s.prompt_ids):]})
+            nodes = len({int(n) for path in tree.paths for n in path})
+            counts["response nodes"] += response
+            counts["prompt nodes"] += nodes - response
+            counts["prompt tokens"] += sum(len(s.prompt_ids) for s in batch)
+            counts["response tokens"] += sum(len(s.response_ids) for s in batch)
+            if k > 0:
+                counts["no-grad nodes"] += nodes
+                counts["no-grad response nodes"] += response
+            if 0 < cfg.checkpoint_above_positions < azr.packed_positions(batch):
+                counts["recomputed nodes"] += nodes
+    return counts
+
+
+def linear_flops(text, rank: int, counts: dict[str, int]) -> dict[str, float]:
+    """The floating-point operations of the update's linear layers, by part, from the positions it computes: a
+    frozen weight costs 2 per parameter and position forward and 2 backward (the gradient of its input only), a
+    LoRA matrix 2 forward and 4 backward (input and weight); the LM head runs on response nodes only."""
+    h, kv = text.hidden_size, text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    layers = text.num_hidden_layers
+    frozen = {"attention projections": layers * (2 * h * h + 2 * h * kv),             # q, o; k, v
+              "MLP": layers * 3 * h * text.intermediate_size}                         # gate, up, down
+    lora = layers * rank * (6 * h + 2 * kv + 3 * (h + text.intermediate_size))   # r * (in + out) each
+    grad = counts["prompt nodes"] + counts["response nodes"]
+    forward_only = counts["no-grad nodes"] + counts["recomputed nodes"]
+    flops = {part: n * (4 * grad + 2 * forward_only) for part, n in frozen.items()}
+    flops["LoRA"] = lora * (6 * grad + 2 * forward_only)
+    flops["LM head"] = text.vocab_size * h * (4 * counts["response nodes"] + 2 * counts["no-grad response nodes"])
+    return flops
+
+
+def matmul_rate(rows: int, inner: int, outer: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of this CPU's plain matmul [rows, inner] x [inner, outer] in `dtype` (the MLP's shape of a
+    micro-batch)."""
+    a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, outer, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * rows * inner * outer * repeats / (time.perf_counter() - start) / 1e9
+
+
 def profile(policy, samples: list[azr.Rollout], cfg: Config, state: dict) -> None:
-    """One current update under torch.profiler: seconds by pass and by operator group."""
+    """One current update under torch.profiler: seconds by pass and by operator group; the positions it computes
+    (prompt against response); the linear layers' arithmetic by part and its rate against a plain matmul's."""
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
@@ -150,18 +210,24 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, state: dict) -> Non
 
     optimizer.step, azr.token_logps, azr.response_hidden = timed_step, timed_logps, timed_hidden
     try:
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:    # no record_shapes: it holds every tensor
             start = time.perf_counter()
             azr.policy_update(policy, optimizer, samples, cfg, azr.Timer(), random.Random(0))
             total = time.perf_counter() - start
     finally:
         azr.token_logps, azr.response_hidden = original_logps, original_hidden
-    passes["LM head, loss and backward"] = total - sum(passes.values())
+    passes["LM head, loss, all of the backward"] = total - sum(passes.values())
     print(f"\nprofile of one current update ({total:.1f} s under the profiler), by pass:")
     for name, seconds in passes.items():
         print(f"  {name:36s} {seconds:7.1f} s  {100 * seconds / total:5.1f}%")
-    groups = {"matmul (linear layers, LoRA, LM head)": ("mm", "addmm", "bmm", "matmul", "linear"),
-              "attention (sdpa)": ("scaled_dot_product", "flash_attention"),
+    counts = packed_counts(samples, cfg, random.Random(0))
+    nodes = counts["prompt nodes"] + counts["response nodes"]
+    print(f"positions with gradient: {nodes} in packed rows = {counts['prompt nodes']} prompt "
+          f"({100 * counts['prompt nodes'] / nodes:.0f}%) + {counts['response nodes']} response nodes, from "
+          f"{counts['prompt tokens']} prompt + {counts['response tokens']} response tokens unpacked; forward only: "
+          f"{counts['no-grad nodes']} in the no-grad pass, {counts['recomputed nodes']} recomputed by checkpointing")
+    groups = {"matmul (linear layers, LoRA, LM head)": ("mm", "addmm", "matmul", "linear"),
+              "attention (sdpa, its batched matmuls)": ("scaled_dot_product", "flash_attention", "bmm", "baddbmm"),
               "log-softmax, logsumexp, softmax": ("softmax", "logsumexp", "gather"),
               "elementwise and copies (norms, rotary, SiLU, casts)": ("mul", "add", "copy_", "cat", "pow", "neg",
                                                                      "silu", "rsqrt", "mean", "sum", "div", "to",
@@ -177,7 +243,18 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, state: dict) -> Non
     print("by operator group (self CPU time):")
     for group, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"  {group:52s} {s:7.1f} s  {100 * s / busy:5.1f}%")
-
+    text = policy.get_base_model().config.get_text_config()
+    flops = linear_flops(text, cfg.lora_r, counts)
+    total = sum(flops.values())
+    print("the linear layers' arithmetic, counted from the positions: " + ", ".join(
+        f"{part} {f / 1e12:.2f} TFLOP ({100 * f / total:.0f}%)" for part, f in flops.items()))
+    matmul = seconds["matmul (linear layers, LoRA, LM head)"]
+    dtype = policy.get_base_model().get_output_embeddings().weight.dtype
+    rows = min(1024, max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+    peak = matmul_rate(rows, text.hidden_size, text.intermediate_size, dtype)
+    print(f"{total / 1e12:.2f} TFLOP in {matmul:.1f} s of matmuls = {total / 1e9 / matmul:.0f} GFLOP/s; one plain "
+          f"{str(dtype).removeprefix('torch.')} matmul at the MLP's shape ({rows} rows) on this machine: "
+          f"{peak:.0f} GFLOP/s")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -227,7 +304,8 @@ def main() -> None:
     per_token = {path: 1000 * t / args.rounds / tokens for path, t in totals.items()}
     print(f"update per trained token: previous {per_token['previous']:.1f} ms, current {per_token['current']:.1f} ms: "
           f"{per_token['previous'] / per_token['current']:.2f}x faster; weight updates' cosine {cos:.4f} "
-          f"(bf16 compute, so close to 1 but not exact; the float32 equality is tests/test_update.py)")
+          f"(the sums run in another order, so close to 1 but not exact; the float32 equality is "
+          f"tests/test_update.py)")
     if not args.no_profile:
         set_checkpointing(policy, False)
         profile(policy, samples, cfg, state)

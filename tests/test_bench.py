@@ -67,3 +67,50 @@ def test_the_gpu_check_runs_at_a_tiny_shape(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generation (generation.generate)" in proc.stdout and "update (2 x" in proc.stdout
     assert "continuous batching:" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def load_bench(name: str):
+    """A bench script imported as a module (it puts the repo's flat modules on sys.path itself)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_update_profile_counts_prompt_and_response_positions_of_the_packed_rows():
+    import random
+
+    import azr
+    from config import PRESETS, Config
+
+    bench = load_bench("bench_update")
+    cfg = Config(**{**PRESETS["cpu-demo"], "mini_batches": 1, "micro_batch_size": 2})
+    prompt = list(range(100, 130))                                     # 30 tokens two proposals share
+    samples = [azr.Rollout("deduction", "propose", "", prompt, [1, 2, 3, 4], ""),
+               azr.Rollout("deduction", "propose", "", prompt, [1, 2, 9], ""),      # shares 2 response tokens
+               azr.Rollout("deduction", "solve", "", [7] * 20, [8] * 5, "")]
+    counts = bench.packed_counts(samples, cfg, random.Random(0))
+    assert counts["prompt tokens"] == 80 and counts["response tokens"] == 12
+    assert counts["prompt nodes"] == 30 + 20 and counts["response nodes"] == 4 + 1 + 5
+    assert counts["no-grad nodes"] == counts["recomputed nodes"] == 0             # one mini-batch, short rows
+
+
+def test_the_update_profile_counts_the_linear_layers_arithmetic_per_position():
+    from types import SimpleNamespace
+
+    bench = load_bench("bench_update")
+    text = SimpleNamespace(hidden_size=8, num_key_value_heads=1, num_attention_heads=2, intermediate_size=16,
+                           num_hidden_layers=3, vocab_size=100)        # head size 4: k and v project 8 -> 4
+    counts = {"prompt nodes": 1, "response nodes": 0, "no-grad nodes": 0, "no-grad response nodes": 0,
+              "recomputed nodes": 0}
+    flops = bench.linear_flops(text, rank=2, counts=counts)              # one prompt position, forward + backward
+    assert flops["attention projections"] == 4 * 3 * (8 * 8 * 2 + 8 * 4 * 2)
+    assert flops["MLP"] == 4 * 3 * (8 * 16 * 3)
+    assert flops["LoRA"] == 6 * 3 * 2 * ((8 + 8) * 2 + (8 + 4) * 2 + (8 + 16) * 3)
+    assert flops["LM head"] == 0
+    counts.update({"response nodes": 1, "no-grad nodes": 1, "no-grad response nodes": 1})
+    flops = bench.linear_flops(text, rank=2, counts=counts)
+    assert flops["LM head"] == (4 + 2) * 100 * 8
+    assert flops["MLP"] == (4 * 2 + 2) * 3 * (8 * 16 * 3)
