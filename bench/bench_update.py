@@ -245,15 +245,15 @@ def profile(policy, samples: list[azr.Rollout], cfg: Config, state: dict) -> Non
         print(f"  {group:52s} {s:7.1f} s  {100 * s / busy:5.1f}%")
     text = policy.get_base_model().config.get_text_config()
     flops = linear_flops(text, cfg.lora_r, counts)
-    total = sum(flops.values())
+    arithmetic = sum(flops.values())
     print("the linear layers' arithmetic, counted from the positions: " + ", ".join(
-        f"{part} {f / 1e12:.2f} TFLOP ({100 * f / total:.0f}%)" for part, f in flops.items()))
-    matmul = seconds["matmul (linear layers, LoRA, LM head)"]
+        f"{part} {f / 1e12:.2f} TFLOP ({100 * f / arithmetic:.0f}%)" for part, f in flops.items()))
+    matmul = max(seconds["matmul (linear layers, LoRA, LM head)"], 1e-9)
     dtype = policy.get_base_model().get_output_embeddings().weight.dtype
     rows = min(1024, max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
     peak = matmul_rate(rows, text.hidden_size, text.intermediate_size, dtype)
-    print(f"{total / 1e12:.2f} TFLOP in {matmul:.1f} s of matmuls = {total / 1e9 / matmul:.0f} GFLOP/s; one plain "
-          f"{str(dtype).removeprefix('torch.')} matmul at the MLP's shape ({rows} rows) on this machine: "
+    print(f"{arithmetic / 1e12:.2f} TFLOP in {matmul:.1f} s of matmuls = {arithmetic / 1e9 / matmul:.0f} GFLOP/s; "
+          f"one plain {str(dtype).removeprefix('torch.')} matmul at the MLP's shape ({rows} rows) on this machine: "
           f"{peak:.0f} GFLOP/s")
 
 def main() -> None:

@@ -114,3 +114,24 @@ def test_the_update_profile_counts_the_linear_layers_arithmetic_per_position():
     flops = bench.linear_flops(text, rank=2, counts=counts)
     assert flops["LM head"] == (4 + 2) * 100 * 8
     assert flops["MLP"] == (4 * 2 + 2) * 3 * (8 * 16 * 3)
+
+
+def test_the_update_profile_runs_on_the_tiny_model(tiny_model_dir, capsys):
+    import random
+
+    import azr
+    import model as models
+    from config import PRESETS, Config
+
+    bench = load_bench("bench_update")
+    cfg = Config(**{**PRESETS["cpu-demo"], "model": str(tiny_model_dir)})
+    policy, _ = models.load_policy(str(tiny_model_dir), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                   load_in_4bit=False, gradient_checkpointing=False, device="cpu")
+    rng = random.Random(0)
+    samples = [azr.Rollout("deduction", "solve", "", [rng.randrange(10, 90) for _ in range(30)],
+                           [rng.randrange(10, 90) for _ in range(9)], "", advantage=1.0) for _ in range(4)]
+    bench.profile(policy, samples, cfg, {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k})
+    out = capsys.readouterr().out
+    assert "36 response nodes" in out and "78 in the no-grad pass" in out     # 4 x 9 responses; 2 of 4 after step 1
+    for line in ("by pass:", "by operator group", "the linear layers' arithmetic", "matmul at the MLP's shape"):
+        assert line in out
